@@ -1,0 +1,49 @@
+"""flowaug: data augmentation along Wasserstein gradient flows in dataset space.
+
+Moves a labeled batch toward a reference dataset by a few explicit-Euler steps of the Wasserstein gradient
+flow of an objective (the debiased Sinkhorn divergence in OTDD's label-aware space, MMD, sliced
+Wasserstein, potentials, interactions, entropy), after Alvarez-Melis & Fusi, "Dataset Dynamics via
+Gradient Flows in Probability Space" (ICML 2021).
+
+Nothing heavy is imported here: pykeops and geomloss load on first use (they probe CUDA at import,
+which must not happen in the parent of forked DataLoader workers), Lightning only with
+:class:`FlowAnnealing`.
+"""
+
+from __future__ import annotations
+
+from .backends import DenseMemoryError
+from .flow import FlowResult, flow
+from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
+from .objectives import (
+    MMD,
+    Custom,
+    Entropy,
+    Interaction,
+    Objective,
+    Potential,
+    Sinkhorn,
+    SlicedWasserstein,
+)
+from .reference import Reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassStats",
+    "Custom",
+    "DenseMemoryError",
+    "Entropy",
+    "FlowResult",
+    "Interaction",
+    "LabelEmbedding",
+    "MMD",
+    "Objective",
+    "Potential",
+    "Reference",
+    "Sinkhorn",
+    "SlicedWasserstein",
+    "assign_classes",
+    "decode_labels",
+    "flow",
+]

@@ -1,0 +1,121 @@
+"""Backend choice: dense torch (``"tensorized"``) or KeOps (``"keops"``), one place decides.
+
+``backend="auto"`` uses the crossover measured by ``benchmarks/crossover.py`` (results in
+``benchmarks/README.md``): on the CPU, dense is faster at every size that fits in memory (KeOps was 5x
+to 100x slower from d = 2 to d = 784), so KeOps is chosen only when the dense buffers would not fit. On
+CUDA no crossover has been measured by this project; it follows geomloss's own rule (dense up to
+5000^2 point pairs, KeOps above) and memory.
+
+A KeOps failure (pykeops missing, no compiler, unwritable build folder) turns KeOps off for the process
+with one warning; the flow then continues on the dense backend.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .dense import DensePair, Workspace
+from .keops import KeOpsPair
+
+__all__ = [
+    "BACKENDS",
+    "DenseMemoryError",
+    "DensePair",
+    "KeOpsPair",
+    "Workspace",
+    "available_memory",
+    "dense_bytes",
+    "disable_keops",
+    "keops_available",
+    "select",
+]
+
+BACKENDS = ("auto", "keops", "tensorized")
+PAIR = {"tensorized": DensePair, "keops": KeOpsPair}
+CUDA_DENSE_PAIRS = 5000**2  # geomloss's tensorized/online switch (unmeasured here: no GPU)
+MEMORY_FRACTION = 0.7  # share of the available memory the dense buffers may take
+
+_keops_state: dict = {"ok": None, "reason": None}
+
+
+class DenseMemoryError(MemoryError):
+    """The dense backend would not fit in memory; the message names the fix (``backend="keops"``)."""
+
+
+def disable_keops(reason: str) -> None:
+    """Turn KeOps off for this process after a failure, warning once."""
+    if _keops_state["ok"] is not False:
+        warnings.warn(
+            f"KeOps is unavailable ({reason}); flowaug falls back to the dense backend "
+            "(backend='tensorized') for the rest of this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _keops_state.update(ok=False, reason=reason)
+
+
+def keops_available() -> bool:
+    """True when pykeops imports and compiles a tiny reduction (cached after the first call)."""
+    if _keops_state["ok"] is None:
+        try:
+            from .keops import import_keops
+
+            pkt = import_keops()
+            x = torch.zeros(2, 1)
+            pkt.LazyTensor(x[:, None, :]).sqdist(pkt.LazyTensor(x[None, :, :])).sum(dim=1)
+            _keops_state["ok"] = True
+        except Exception as err:  # noqa: BLE001 - any failure means "do not use KeOps"
+            disable_keops(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    return bool(_keops_state["ok"])
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (``FLOWAUG_MEMORY_LIMIT`` overrides, in bytes)."""
+    limit = os.environ.get("FLOWAUG_MEMORY_LIMIT")
+    if limit:
+        return int(float(limit))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3  # unknown platform: assume a modest machine
+
+
+def dense_bytes(n: int, m: int, itemsize: int = 4) -> int:
+    """Peak bytes of the dense buffers of one flow step: cost and score matrices for x-y and x-x."""
+    return 2 * (n * m + n * n) * itemsize
+
+
+def select(name: str, device: torch.device, n: int, m: int, dim: int, itemsize: int = 4) -> str:
+    """Resolve ``"auto"`` and check feasibility; returns ``"tensorized"`` or ``"keops"``."""
+    need = dense_bytes(n, max(m, n), itemsize)
+    budget = int(available_memory(device) * MEMORY_FRACTION)
+    fits = need <= budget
+    if name == "auto":
+        if device.type == "cuda":
+            want_keops = (not fits) or n * m > CUDA_DENSE_PAIRS
+        else:
+            want_keops = not fits
+        if want_keops and keops_available():
+            return "keops"
+        name = "tensorized"
+    if name == "keops":
+        if keops_available():
+            return "keops"
+        name = "tensorized"
+    if not fits:
+        raise DenseMemoryError(
+            f"the dense backend needs {need / 2**30:.1f} GiB for {n} x {m} points "
+            f"but {budget / 2**30:.1f} GiB are available on {device}; use backend='keops' "
+            "(memory linear in N + M; needs pykeops and a C++ compiler) or flow smaller batches"
+        )
+    return name

@@ -1,0 +1,47 @@
+"""Objective terms of a flow and their composition (``Sinkhorn() + 0.1 * MMD()``)."""
+
+from __future__ import annotations
+
+from .base import Context, Objective, WeightedSum
+from .custom import Custom
+from .energies import Entropy, Interaction, Potential
+from .mmd import MMD
+from .sinkhorn import Sinkhorn
+from .sliced import SlicedWasserstein
+
+__all__ = [
+    "Context",
+    "Custom",
+    "Entropy",
+    "Interaction",
+    "MMD",
+    "OBJECTIVES",
+    "Objective",
+    "Potential",
+    "Sinkhorn",
+    "SlicedWasserstein",
+    "WeightedSum",
+    "as_objective",
+]
+
+#: names accepted wherever an objective is expected
+OBJECTIVES = {
+    "sinkhorn": Sinkhorn,
+    "otdd": Sinkhorn,
+    "mmd": MMD,
+    "gaussian": lambda: MMD("gaussian"),
+    "laplacian": lambda: MMD("laplacian"),
+    "energy": lambda: MMD("energy"),
+    "sliced": SlicedWasserstein,
+}
+
+
+def as_objective(objective) -> Objective:
+    """An :class:`Objective`, a name from :data:`OBJECTIVES`, or raise naming what was received."""
+    if isinstance(objective, Objective):
+        return objective
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)} or an Objective, got {objective!r}")
+        return OBJECTIVES[objective]()
+    raise TypeError(f"objective must be a name {sorted(OBJECTIVES)} or an Objective, got {type(objective).__name__}")

@@ -1,0 +1,197 @@
+"""Debiased Sinkhorn divergence, solved with warm starts and a cached reference self-term.
+
+    S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2,   cost C(x, y) = ||x - y||^2 / 2,
+    eps = blur^2 (geomloss's conventions for p = 2).
+
+With dual potentials ``f_ba`` (on x), ``g_ab`` (on y) of OT(a, b) and ``f_aa`` of OT(a, a), the value is
+``<a, f_ba - f_aa> + <b, g_ab - g_bb>`` and the Wasserstein gradient at a point is
+
+    N grad_{x_i} S = T_aa(x_i) - T_ab(x_i),   T_ab(x_i) = sum_j softmax_j(log b_j + (g_j - C_ij) / eps) y_j,
+
+the difference of two entropic barycentric projections: no autograd, one extra matrix product.
+
+Why not ``geomloss.SamplesLoss`` itself: its loop (``sinkhorn_divergence.sinkhorn_loop``) restarts
+epsilon-scaling from the diameter at every call and solves OT(b, b) every time. A flow calls it at every
+step with a reference that never changes and points that move a little, so this module extends it with
+
+* the reference self-term ``g_bb`` solved once per reference (and only when a value is reported: the
+  gradient does not depend on it);
+* warm starts: the potentials of the previous step start the next solve at the target temperature;
+* a convergence test (``max |g_new - g_old| < tol * eps``) instead of a fixed iteration count, so the
+  gradient is accurate whatever the blur (geomloss's default schedule gives gradients with cosine 0.36 to
+  the converged one at blur 0.05 on MNIST).
+
+geomloss remains the reference implementation: the tests compare values and gradients with
+``SamplesLoss("sinkhorn", debias=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_int, check_real
+from .base import Context, Objective
+
+__all__ = ["Sinkhorn", "AUTO_BLUR"]
+
+#: ``blur="auto"`` is this fraction of the median pairwise distance between reference points.
+AUTO_BLUR = 0.2
+
+
+def _log_uniform(n: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_full((n,), -math.log(n))
+
+
+class Sinkhorn(Objective):
+    """Debiased Sinkhorn divergence to the reference (OTDD when the points carry a label part).
+
+    Args:
+        blur: entropic blur in data units (``eps = blur^2``), or ``"auto"``: ``AUTO_BLUR`` times the
+            median pairwise distance between reference points.
+        debias: subtract the self terms (a divergence: 0 iff the clouds coincide). Without it the flow
+            contracts every point toward an entropic barycentre of the reference.
+        tol: stop the Sinkhorn loop when no potential changes by more than ``tol * eps``.
+        relaxation: over-relaxation weight in [1, 2) (1 is plain Sinkhorn); reduced automatically when an
+            over-relaxed iteration would lower the dual objective.
+        max_iter: iteration cap per solve (a warning reports solves that hit it).
+        scaling: blur ratio between epsilon-scaling levels for a cold start (geomloss's ``scaling``).
+        warm_start: start each solve from the previous step's potentials.
+
+    Example:
+        >>> import torch, flowaug
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, ref = torch.randn(64, 2, generator=g), torch.randn(80, 2, generator=g) + 3
+        >>> out = flowaug.flow(x, reference=ref, objective=flowaug.Sinkhorn(blur=0.3), steps=20)
+        >>> bool(out.objective[-1] < 0.1 * out.objective[0])
+        True
+    """
+
+    def __init__(self, blur="auto", *, debias: bool = True, tol: float = 1e-2, max_iter: int = 1000,
+                 scaling: float = 0.5, warm_start: bool = True, relaxation: float = 1.8):
+        if blur != "auto":
+            blur = check_real("blur", blur, low=0, low_open=True)
+        self.blur = blur
+        self.debias = bool(debias)
+        self.tol = check_real("tol", tol, low=0, low_open=True)
+        self.max_iter = check_int("max_iter", max_iter, minimum=1)
+        self.scaling = check_real("scaling", scaling, low=0, high=1, low_open=True, high_open=True)
+        self.warm_start = bool(warm_start)
+        self.relaxation = check_real("relaxation", relaxation, low=1, high=2, high_open=True)
+
+    # ------------------------------------------------------------------ scales
+    def epsilon(self, ctx: Context) -> float:
+        blur = AUTO_BLUR * ctx.median_distance() if self.blur == "auto" else self.blur
+        return blur * blur
+
+    def _schedule(self, z: torch.Tensor, ctx: Context, eps: float) -> list[float]:
+        """Epsilon-scaling from the configuration's diameter down to ``eps`` (cold starts only)."""
+        lo = torch.minimum(z.amin(0), ctx.z_ref.amin(0))
+        hi = torch.maximum(z.amax(0), ctx.z_ref.amax(0))
+        diameter = max(float((hi - lo).norm()), math.sqrt(eps))
+        ratio = self.scaling**2
+        out, e = [], diameter**2
+        while e > eps:
+            out.append(e)
+            e *= ratio
+        return out + [eps]
+
+    # ------------------------------------------------------------------ solver
+    def _solve(self, pair, eps, a_log, b_log, f, g, schedule):
+        """Alternating Sinkhorn between x (potential f) and y (potential g); returns g and iterations."""
+        if g is None:  # cold start: epsilon-scaling with symmetric (averaged) updates, as geomloss
+            e0 = schedule[0]
+            f = pair.softmin(e0, b_log)
+            g = pair.softmin_t(e0, a_log)
+            for e in schedule:
+                ft = pair.softmin(e, b_log + g / e)
+                gt = pair.softmin_t(e, a_log + f / e)
+                f, g = (f + ft) / 2, (g + gt) / 2
+        # Over-relaxed Sinkhorn (Thibault et al. 2017): both potentials are relaxed with weight w, and
+        # every iteration must increase the dual objective
+        #     J(f, g) = <a, f> + <b, g> - eps (<a x b, exp((f + g - C) / eps)> - 1),
+        # whose mass term is <a, exp((f - f_hat) / eps)> with f_hat = softmin(g), free here. Plain
+        # Sinkhorn (w = 1) increases J; an over-relaxed iteration that lowers it is redone with w = 1 and
+        # w is reduced. Measured on MNIST 256 x 4096 at blur 1: 33 instead of 63 iterations (same tol).
+        w = self.relaxation
+        f = pair.softmin(eps, b_log + g / eps)
+        dual = float(f.mean() + g.mean())
+        iters = 0
+        for iters in range(1, self.max_iter + 1):
+            g_plain = pair.softmin_t(eps, a_log + f / eps)
+            g_new = g_plain if w == 1 else torch.lerp(g, g_plain, w)
+            f_hat = pair.softmin(eps, b_log + g_new / eps)
+            f_new = f_hat if w == 1 else torch.lerp(f, f_hat, w)
+            mass = float(torch.exp((f_new - f_hat) / eps).mean()) if w != 1 else 1.0
+            dual_new = float(f_new.mean() + g_new.mean()) - eps * (mass - 1)
+            if w != 1 and not dual_new >= dual - 1e-5 * abs(dual):  # beyond float32 noise (or NaN)
+                w = max(1.0, (w + 1) / 2)
+                g_new = g_plain
+                f_new = pair.softmin(eps, b_log + g_new / eps)
+                dual_new = float(f_new.mean() + g_new.mean())
+            delta = float((g_new - g).abs().max())
+            g, f, dual = g_new, f_new, dual_new
+            if delta < self.tol * eps:
+                break
+        return g, iters
+
+    def _solve_self(self, pair, eps, a_log, f, schedule):
+        """Symmetric OT(a, a): ``f <- (f + softmin(a_log + f / eps)) / 2`` until converged."""
+        if f is None:
+            f = pair.softmin(schedule[0], a_log)
+            for e in schedule:
+                f = (f + pair.softmin(e, a_log + f / e)) / 2
+        iters = 0
+        for iters in range(1, self.max_iter + 1):
+            f_new = (f + pair.softmin(eps, a_log + f / eps)) / 2
+            delta = float((f_new - f).abs().max())
+            f = f_new
+            if delta < self.tol * eps:
+                break
+        return f, iters
+
+    def evaluate(self, z, ctx, warm):
+        n, m = z.shape[0], ctx.z_ref.shape[0]
+        eps = self.epsilon(ctx)
+        a_log, b_log = _log_uniform(n, z), _log_uniform(m, z)
+        x_half = (z * z).sum(1).mul_(0.5)  # (N,)
+        use_warm = self.warm_start and warm.get("eps") == eps
+        g = warm.get("g_ab") if use_warm and warm.get("m") == m else None
+        f_aa = warm.get("f_aa") if use_warm and warm.get("n") == n else None
+        schedule = self._schedule(z, ctx, eps) if g is None or (self.debias and f_aa is None) else None
+
+        xy = ctx.pair(z, x_half=x_half, tag="xy")
+        g, it_ab = self._solve(xy, eps, a_log, b_log, None, g, schedule)
+        f_ba, t_ab = xy.soft_average(eps, b_log + g / eps, ctx.z_ref)  # (N,), (N, D)
+        value = f_ba.mean() + g.mean()
+        grad = t_ab.neg_()
+        it_aa = 0
+        if self.debias:
+            xx = ctx.pair(z, z, x_half=x_half, tag="xx")
+            f_aa, it_aa = self._solve_self(xx, eps, a_log, f_aa, schedule)
+            f_aa_ext, t_aa = xx.soft_average(eps, a_log + f_aa / eps, z)
+            value = value - f_aa_ext.mean()
+            grad.add_(t_aa)
+            warm["f_aa"] = f_aa_ext
+        else:
+            grad.add_(z)  # N grad of OT(a, b) alone is x - T_ab(x)
+        warm.update(g_ab=g, eps=eps, n=n, m=m, iterations=(it_ab, it_aa))
+        return value, grad
+
+    def constant(self, ctx):
+        """``-OT_eps(b, b) / 2 = -<b, g_bb>``, solved once per reference and cached."""
+        if not self.debias:
+            return 0.0
+        eps = self.epsilon(ctx)
+        key = ("sinkhorn.self", eps, self.tol)
+        if ctx.ref_subset is None and key in ctx.cache:
+            return ctx.cache[key]
+        y = ctx.z_ref
+        b_log = _log_uniform(y.shape[0], y)
+        yy = ctx.pair(y, y, x_half=ctx.ref_half, tag="yy")
+        g_bb, _ = self._solve_self(yy, eps, b_log, None, self._schedule(y, ctx, eps))
+        value = -float(yy.softmin(eps, b_log + g_bb / eps).mean())
+        if ctx.ref_subset is None:  # a per-batch subset is not worth keeping
+            ctx.cache[key] = value
+        return value

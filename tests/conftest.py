@@ -1,0 +1,55 @@
+"""Shared fixtures: small synthetic datasets, so the suite runs without ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*CUDA libraries not found.*")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def blobs(n_per_class: int, centers, std: float = 0.3, seed: int = 0, dtype=torch.float32):
+    """Gaussian blobs: (N, D) features and (N,) labels, class k around centers[k]."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.as_tensor(centers, dtype=dtype)
+    xs = [c + std * torch.randn(n_per_class, centers.shape[1], generator=g, dtype=dtype) for c in centers]
+    ys = [torch.full((n_per_class,), k, dtype=torch.long) for k in range(len(centers))]
+    return torch.cat(xs), torch.cat(ys)
+
+
+def tiny_images(n: int, classes: int = 3, seed: int = 0, size: int = 6):
+    """(N, 1, size, size) float images in [0, 1] whose class sets a bright band; (N,) labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.2 * torch.rand(n, 1, size, size, generator=g)
+    for k in range(classes):
+        x[y == k, :, (k * size) // classes : ((k + 1) * size) // classes, :] += 0.7
+    return x.clamp(0, 1), y
+
+
+class TensorPairs(torch.utils.data.Dataset):
+    """A map-style dataset of (input, label) items, with an optional per-item transform."""
+
+    def __init__(self, x, y, transform=None):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        item = self.x[i]
+        return (self.transform(item) if self.transform else item), int(self.y[i])
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+def shared_data_available() -> bool:
+    return os.path.isfile(os.path.join(SHARED_DATA, "mnist", "train.npz"))
