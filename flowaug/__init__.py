@@ -25,16 +25,21 @@ from .objectives import (
     Sinkhorn,
     SlicedWasserstein,
 )
+from .datasets import FlowDataset
 from .reference import Reference
+from .transforms import FlowTransform
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ClassStats",
     "Custom",
     "DenseMemoryError",
     "Entropy",
+    "FlowAnnealing",
+    "FlowDataset",
     "FlowResult",
+    "FlowTransform",
     "Interaction",
     "LabelEmbedding",
     "MMD",
@@ -47,3 +52,12 @@ __all__ = [
     "decode_labels",
     "flow",
 ]
+
+
+def __getattr__(name):
+    # Lightning is imported only when the callback is asked for (it is slow to import).
+    if name == "FlowAnnealing":
+        from .callbacks import FlowAnnealing
+
+        return FlowAnnealing
+    raise AttributeError(f"module 'flowaug' has no attribute {name!r}")

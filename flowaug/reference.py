@@ -64,6 +64,7 @@ class Reference:
         self._moved: dict = {}
         self._fingerprint: str | None = None
         self._median: float | None = None
+        self._range: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -141,6 +142,12 @@ class Reference:
         return self._fingerprint
 
     # ------------------------------------------------------------------ preparation
+    def value_range(self) -> tuple[float, float]:
+        """(min, max) of the reference features, cached: the default clamp range of flowed data."""
+        if self._range is None:
+            self._range = (float(self.features.min()), float(self.features.max()))
+        return self._range
+
     def median_distance(self) -> float:
         """Median pairwise feature distance (on at most 1024 evenly strided samples), cached.
 

@@ -121,7 +121,7 @@ class TestAgainstGeomloss:
         x = self.x.clone().requires_grad_(True)
         value = loss(x, self.y)
         (grad,) = torch.autograd.grad(value, x)
-        return float(value), grad * self.x.shape[0]
+        return float(value.detach()), grad * self.x.shape[0]
 
     def test_sinkhorn(self):
         ours_v, ours_g = self._ours(Sinkhorn(blur=1.0, tol=1e-9, max_iter=50000))

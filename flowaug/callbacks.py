@@ -1,0 +1,210 @@
+"""FlowAnnealing: a Lightning callback that anneals the strength of flows during training.
+
+The strength is a pure function of the trainer's position (epoch or global step), so a run resumed from
+a checkpoint and every DDP rank compute the same value. It is written into the targets' shared-memory
+``strength``; DataLoader workers, persistent ones included, read it at their next batch. Lightning creates
+the epoch's DataLoader iterator (which makes workers prefetch) after ``on_train_epoch_start`` from the
+second epoch on, and after ``on_fit_start`` for the first, so each epoch's batches are flowed with that
+epoch's strength. With ``interval="step"`` workers lag by their prefetch depth
+(``num_workers * prefetch_factor`` batches); flows applied on the device (``apply_to_batches=True``) do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+
+from ._checks import check_choice, check_int, check_real, describe
+from .schedules import SCHEDULES, schedule_value
+from .transforms import FlowTransform
+
+__all__ = ["FlowAnnealing"]
+
+INTERVALS = ("epoch", "step")
+
+
+def _check_position(name: str, value, allow_none: bool):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (an epoch or step) or a float fraction in [0, 1], got {value!r}")
+    if isinstance(value, int):
+        return check_int(name, value)
+    return check_real(name, value, low=0, high=1)
+
+
+class FlowAnnealing(pl.Callback):
+    """Anneal ``strength`` of FlowTransform/FlowDataset objects over training.
+
+    Args:
+        targets: one object with a ``strength`` attribute (FlowTransform, FlowDataset) or a list of them.
+        schedule: ``"linear"``, ``"cosine"``, ``"step"``, ``"exponential"`` or a callable
+            ``progress -> strength`` (see :mod:`flowaug.schedules`).
+        start_value, end_value: strength at the start and at the end of the schedule (either order).
+        start: where the schedule starts: an epoch/step index (int) or a fraction of training (float),
+            like ``StochasticWeightAveraging``'s ``swa_epoch_start``. Before it, ``start_value`` holds.
+        end: where it ends (same conventions); default the last epoch/step of training.
+        interval: ``"epoch"`` or ``"step"``.
+        stairs, rate: parameters of the ``"step"`` and ``"exponential"`` schedules.
+        apply_to_batches: apply the FlowTransform targets to training batches after they reach the device
+            (main process, ``on_train_batch_start``; training batches only). The batch tensors are updated
+            in place, so the labels must keep their shape and dtype.
+        log: log ``flowaug/strength`` through the LightningModule's logger.
+
+    Example:
+        >>> import torch
+        >>> from flowaug import FlowAnnealing, FlowTransform
+        >>> t = FlowTransform((torch.rand(20, 4), torch.arange(20) % 2))
+        >>> cb = FlowAnnealing(t, "cosine", start_value=0.0, end_value=1.0)
+        >>> round(cb.value_at(position=5, total=11), 6)  # epoch 5 of 0..10: half way
+        0.5
+    """
+
+    def __init__(
+        self,
+        targets,
+        schedule: str | Callable[[float], float] = "linear",
+        *,
+        start_value: float = 0.0,
+        end_value: float = 1.0,
+        start: int | float = 0,
+        end: int | float | None = None,
+        interval: str = "epoch",
+        stairs: int = 4,
+        rate: float = 5.0,
+        apply_to_batches: bool = False,
+        log: bool = True,
+    ):
+        super().__init__()
+        self.targets = list(targets) if isinstance(targets, Sequence) and not isinstance(targets, str) else [targets]
+        if not self.targets:
+            raise ValueError("targets must hold at least one FlowTransform or FlowDataset")
+        for i, t in enumerate(self.targets):
+            if not hasattr(type(t), "strength"):
+                raise TypeError(f"targets[{i}] must have a 'strength' attribute (FlowTransform, FlowDataset), got {describe(t)}")
+        if not callable(schedule):
+            check_choice("schedule", schedule, SCHEDULES)
+        self.schedule = schedule
+        self.start_value = check_real("start_value", start_value, low=0, high=1)
+        self.end_value = check_real("end_value", end_value, low=0, high=1)
+        self.start = _check_position("start", start, allow_none=False)
+        self.end = _check_position("end", end, allow_none=True)
+        self.interval = check_choice("interval", interval, INTERVALS)
+        self.stairs = check_int("stairs", stairs, minimum=1)
+        self.rate = check_real("rate", rate)
+        self.apply_to_batches = bool(apply_to_batches)
+        self.log = bool(log)
+        self.current: float | None = None
+        self.position: int | None = None
+        self._resume: dict | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(schedule=repr(self.schedule) if isinstance(self.schedule, str) else "callable",
+                                        interval=self.interval, start=self.start, end=self.end)
+
+    # ------------------------------------------------------------------ the schedule
+    def value_at(self, position: int, total: int) -> float:
+        """Strength at ``position`` (epoch or step index) of a run with ``total`` epochs or steps."""
+        last = max(total - 1, 0)
+        lo = self.start if isinstance(self.start, int) else round(self.start * last)
+        hi = last if self.end is None else (self.end if isinstance(self.end, int) else round(self.end * last))
+        if hi <= lo:
+            progress = 1.0 if position >= lo else 0.0
+        else:
+            progress = min(max((position - lo) / (hi - lo), 0.0), 1.0)
+        return schedule_value(self.schedule, progress, self.start_value, self.end_value,
+                              stairs=self.stairs, rate=self.rate)
+
+    def _total(self, trainer: pl.Trainer) -> int:
+        if self.interval == "epoch":
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                if self.end is None or isinstance(self.end, float) or not isinstance(self.start, int):
+                    raise ValueError(
+                        "FlowAnnealing with interval='epoch' needs Trainer(max_epochs=...) or an int 'end' epoch"
+                    )
+                return self.end + 1
+            return trainer.max_epochs
+        return int(trainer.estimated_stepping_batches)
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> float:
+        if self._resume is not None:  # the trainer's loop counters are not restored yet (see on_fit_start)
+            position = self._resume[self.interval]
+        else:
+            position = trainer.current_epoch if self.interval == "epoch" else trainer.global_step
+        value = self.value_at(position, self._total(trainer))
+        for t in self.targets:
+            t.strength = value
+        self.current, self.position = value, position
+        return value
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning creates the first DataLoader iterator (workers start prefetching) after on_fit_start,
+        # and restores its loop counters only after this hook: on a resume the position comes from the
+        # checkpoint (on_load_checkpoint), or the first batches would be flowed with epoch 0's strength.
+        self._update(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._resume = None  # loop counters are restored from here on
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        epoch = progress.get("processed", checkpoint.get("epoch", 0))  # the epoch the resumed run starts in
+        self._resume = {"epoch": int(epoch), "step": int(checkpoint.get("global_step", 0))}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        value = self._update(trainer)
+        if self.log and self.interval == "epoch":
+            pl_module.log("flowaug/strength", value, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self.interval == "step":
+            value = self._update(trainer)
+            if self.log:
+                pl_module.log("flowaug/strength", value, on_step=True, on_epoch=False)
+        if self.apply_to_batches:
+            for t in self.targets:
+                if isinstance(t, FlowTransform):
+                    self._apply_in_place(t, batch)
+            objective = next((t.last_objective for t in self.targets if getattr(t, "last_objective", None) is not None), None)
+            if self.log and objective is not None:
+                pl_module.log("flowaug/objective", float(objective[-1]), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _apply_in_place(transform: FlowTransform, batch) -> None:
+        out = transform(batch)
+        if out is batch:
+            return
+        src, _ = torch.utils._pytree.tree_flatten(batch)
+        dst, _ = torch.utils._pytree.tree_flatten(out)
+        for a, b in zip(src, dst):
+            if a is b or not isinstance(a, torch.Tensor):
+                continue
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(
+                    "apply_to_batches updates the batch in place, so the flow must keep shapes and dtypes; got "
+                    f"{tuple(a.shape)}/{a.dtype} -> {tuple(b.shape)}/{b.dtype} (soft labels?). Apply the "
+                    "FlowTransform in LightningModule.on_after_batch_transfer instead"
+                )
+            with torch.no_grad():
+                a.copy_(b)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {"current": self.current, "position": self.position, "interval": self.interval}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.current, self.position = state_dict["current"], state_dict["position"]
+        if self.current is not None:  # in effect at once, before any worker starts
+            for t in self.targets:
+                t.strength = self.current
+
+    def __repr__(self) -> str:
+        sched = self.schedule if isinstance(self.schedule, str) else getattr(self.schedule, "__name__", "callable")
+        return (
+            f"FlowAnnealing(schedule={sched!r}, start_value={self.start_value}, end_value={self.end_value}, "
+            f"start={self.start}, end={self.end}, interval={self.interval!r}, targets={len(self.targets)})"
+        )

@@ -1,0 +1,289 @@
+"""FlowDataset: wrap a map-style Dataset of (input, label) items and serve them flowed toward a reference.
+
+Two modes:
+
+* ``"precompute"``: the whole dataset is read once and flowed in shuffled chunks (each chunk a sample of
+  the source distribution), keeping snapshots at chosen steps: a curriculum from source (step 0) to the
+  flowed data. Results are cached on disk under a key derived from the data, the reference and the
+  configuration; a later run with the same inputs loads them, any change rebuilds them. ``strength``
+  picks the flow time: features are interpolated between the two bracketing snapshots.
+* ``"online"``: items are read live (the wrapped dataset's random transforms still apply) and every
+  batch is flowed when the DataLoader fetches it (``__getitems__``), through a
+  :class:`~flowaug.FlowTransform` with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from . import backends
+from ._version import __version__
+from ._cache import read_cache, write_cache
+from ._checks import check_choice, check_int, check_real, describe
+from ._shared import SharedValue, strength_property
+from .data import dataset_to_tensors
+from .flow import DECODERS, LABEL_MODES, flow
+from .labels import ClassStats
+from .objectives import as_objective
+from .reference import Reference
+from .transforms import FlowTransform, batch_to_float, float_to_like
+
+__all__ = ["FlowDataset", "MODES"]
+
+MODES = ("precompute", "online")
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = a.detach().cpu()
+        h.update(str((tuple(a.shape), str(a.dtype))).encode())
+        h.update(np.ascontiguousarray(a.numpy()).tobytes())
+    return h.hexdigest()
+
+
+class FlowDataset(torch.utils.data.Dataset):
+    """A Dataset whose items are flowed toward a reference.
+
+    Args:
+        dataset: map-style Dataset of ``(input, label)`` items (any transform pipeline it already has runs
+            when items are read).
+        reference: Reference, ``(features, labels)``, tensor or Dataset (see :class:`~flowaug.Reference`).
+        mode: ``"precompute"`` or ``"online"``.
+        objective, steps, step_size, labels, label_weight, decode, momentum, backend: as in
+            :func:`~flowaug.flow`.
+        soft: with ``labels="flow"``, items carry soft labels (K',) instead of class ids.
+        snapshots: precompute: steps to keep (a list, a count of evenly spaced ones, or None for the
+            start and the end). ``strength`` interpolates between them.
+        strength: fraction of the flow time served, in [0, 1] (annealed by :class:`~flowaug.FlowAnnealing`).
+        chunk_size: points flowed together in precompute (each chunk is a shuffled sample of the data).
+        reference_size: reference points drawn per chunk / batch (None: all).
+        clamp: ``"auto"`` (the reference's value range), a pair, or None.
+        cache_dir: folder of the precompute cache (None: no disk cache).
+        seed: seed of the chunk shuffling and of the reference samples.
+        progress: show progress bars while reading and flowing.
+
+    Example:
+        >>> import torch
+        >>> from flowaug import FlowDataset
+        >>> g = torch.Generator().manual_seed(0)
+        >>> data = torch.utils.data.TensorDataset(torch.rand(40, 1, 6, 6, generator=g), torch.arange(40) % 2)
+        >>> ref = (torch.rand(30, 1, 6, 6, generator=g) + 1, torch.arange(30) % 2)
+        >>> fd = FlowDataset(data, ref, steps=4, snapshots=3, progress=False)
+        >>> len(fd), fd.snapshot_steps
+        (40, [0, 2, 4])
+        >>> fd.strength = 0.0
+        >>> bool(torch.equal(fd[3][0], data[3][0]))
+        True
+    """
+
+    def __init__(
+        self,
+        dataset,
+        reference,
+        *,
+        mode: str = "precompute",
+        objective="sinkhorn",
+        steps: int = 20,
+        step_size: float = 1.0,
+        labels: str = "fixed",
+        label_weight: float = 1.0,
+        decode: str = "point",
+        soft: bool = False,
+        momentum: float = 0.0,
+        snapshots=None,
+        strength: float = 1.0,
+        chunk_size: int = 4096,
+        reference_size: int | None = None,
+        backend: str = "auto",
+        clamp="auto",
+        cache_dir: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"dataset must be a map-style Dataset with __len__ and __getitem__, got {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise ValueError("dataset must not be empty")
+        self.dataset = dataset
+        self.reference = Reference.coerce(reference)
+        self.mode = check_choice("mode", mode, MODES)
+        self.objective = as_objective(objective)
+        self.steps = check_int("steps", steps)
+        self.step_size = check_real("step_size", step_size, low=0, low_open=True)
+        self.labels = check_choice("labels", labels, LABEL_MODES)
+        self.label_weight = check_real("label_weight", label_weight, low=0)
+        self.decode = check_choice("decode", decode, DECODERS)
+        self.soft = bool(soft)
+        self.momentum = check_real("momentum", momentum, low=0, high=1, high_open=True)
+        self.chunk_size = check_int("chunk_size", chunk_size, minimum=2)
+        self.reference_size = None if reference_size is None else check_int("reference_size", reference_size, minimum=2)
+        self.backend = check_choice("backend", backend, backends.BACKENDS)
+        self.clamp = clamp
+        self.cache_dir = cache_dir
+        self.seed = check_int("seed", seed)
+        self.progress = bool(progress)
+        self._strength = SharedValue(strength, "strength")
+        self.snapshot_steps = self._snapshot_steps(snapshots)
+        self.cache_status: str | None = None
+        self._data = None
+        if self.mode == "online":
+            self._transform = FlowTransform(
+                self.reference, objective=self.objective, steps=self.steps, step_size=self.step_size,
+                labels=self.labels, label_weight=self.label_weight, decode=self.decode, soft=self.soft,
+                backend=self.backend, reference_size=self.reference_size, clamp=clamp, momentum=self.momentum,
+                seed=self.seed,
+            )
+            self._transform._strength = self._strength  # one shared value for both
+        else:
+            self._transform = None
+            self.precompute()
+
+    # ------------------------------------------------------------------ strength
+    strength = strength_property("Fraction of the flow time served, in [0, 1] (shared with DataLoader workers).")
+
+    def _snapshot_steps(self, snapshots) -> list[int]:
+        if snapshots is None:
+            return sorted({0, self.steps})
+        if isinstance(snapshots, int) and not isinstance(snapshots, bool):
+            k = check_int("snapshots", snapshots, minimum=2)
+            return sorted({round(i * self.steps / (k - 1)) for i in range(k)})
+        steps = sorted({check_int("snapshots entry", s) for s in snapshots} | {0, self.steps})
+        if steps[-1] > self.steps:
+            raise ValueError(f"snapshots must be steps in [0, {self.steps}], got {steps[-1]}")
+        return steps
+
+    # ------------------------------------------------------------------ precompute
+    def config_key(self, data_digest: str) -> str:
+        """Cache key: data, reference, every setting that changes the result, and the library version."""
+        parts = [
+            __version__, data_digest, self.reference.fingerprint(), repr(self.objective), self.steps,
+            self.step_size, self.labels, self.label_weight, self.decode, self.momentum, self.snapshot_steps,
+            self.chunk_size, self.reference_size, self.backend, repr(self.clamp), self.seed,
+        ]
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+    def precompute(self) -> None:
+        """Flow the whole dataset (or load the cached result). Called by the constructor."""
+        x, y = dataset_to_tensors(self.dataset, progress=self.progress, name="dataset")
+        if y.ndim != 1:
+            raise ValueError("precompute needs hard class labels (N,) in the wrapped dataset")
+        key = self.config_key(_digest(x, y))
+        path = None if self.cache_dir is None else os.path.join(self.cache_dir, f"flowaug-{key}.cache")
+        if path is not None:
+            payload, reason = read_cache(path, key)
+            if payload is not None:
+                self._data, self.cache_status = payload, "loaded"
+                return
+            if reason != "no cache file":
+                warnings.warn(f"FlowDataset cache {path}: {reason}; rebuilding it", RuntimeWarning, stacklevel=3)
+        self._data = self._run(x, y)
+        self.cache_status = "built"
+        if path is not None:
+            write_cache(path, key, self._data)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        from tqdm.auto import tqdm
+
+        n = x.shape[0]
+        xf = batch_to_float(x)
+        ref = self.reference.to(xf.device)
+        use_labels = self.label_weight > 0 and ref.labels is not None
+        stats = ClassStats(single_sample=ref.single_sample).update(xf, y) if use_labels else None
+        gen = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(n, generator=gen)
+        n_chunks = math.ceil(n / self.chunk_size)
+        store_dtype = torch.uint8 if x.dtype == torch.uint8 else torch.float32
+        snaps = {s: torch.empty(x.shape, dtype=store_dtype) for s in self.snapshot_steps}
+        snap_labels = {s: y.clone() for s in self.snapshot_steps}
+        soft = {s: None for s in self.snapshot_steps}
+        clamp = ref.value_range() if self.clamp == "auto" else self.clamp
+        bar = tqdm(range(n_chunks), desc="flowing dataset", disable=not self.progress, leave=False)
+        chunks = torch.tensor_split(order, n_chunks)  # even sizes: no tiny last chunk (a poor sample)
+        for c in bar:
+            idx = chunks[c]
+            ref_index = None
+            if self.reference_size is not None and self.reference_size < ref.num_samples:
+                ref_index = torch.randperm(ref.num_samples, generator=gen)[: self.reference_size]
+            out = flow(
+                xf[idx], y[idx] if use_labels else None, ref, objective=self.objective, steps=self.steps,
+                step_size=self.step_size, labels=self.labels if use_labels else "fixed",
+                label_weight=self.label_weight, decode=self.decode, momentum=self.momentum, clamp=clamp,
+                backend=self.backend, source_stats=stats, reference_index=ref_index,
+                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + c),
+                snapshots=self.snapshot_steps, track_objective=False,
+            )
+            traj, traj_y = list(out.trajectory), list(out.trajectory_labels)
+            while len(traj) < len(self.snapshot_steps):  # the guard stopped the flow early: hold the end
+                traj.append(out.x)
+                traj_y.append(out.labels)
+            for s, xs, ys in zip(self.snapshot_steps, traj, traj_y):
+                snaps[s][idx] = float_to_like(xs, x[idx]).as_subclass(torch.Tensor).to(store_dtype)
+                if self.labels == "flow" and use_labels:
+                    # per point: each snapshot decoded at its time; per class: one relabelling for all
+                    snap_labels[s][idx] = ys if self.decode == "point" else out.labels
+            if self.labels == "flow" and use_labels:
+                last = self.snapshot_steps[-1]
+                if self.soft:
+                    if soft[last] is None:
+                        soft[last] = torch.zeros(n, out.soft_labels.shape[1])
+                    soft[last][idx] = out.soft_labels
+        return {"x": snaps, "y": snap_labels, "soft": soft.get(self.snapshot_steps[-1]), "dtype": str(x.dtype)}
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _bracket(self) -> tuple[int, int, float]:
+        t = self.strength * self.steps
+        steps = self.snapshot_steps
+        hi = next((s for s in steps if s >= t - 1e-9), steps[-1])
+        lo = max((s for s in steps if s <= t + 1e-9), default=steps[0])
+        w = 0.0 if hi == lo else (t - lo) / (hi - lo)
+        return lo, hi, w
+
+    def __getitem__(self, index: int):
+        if self.mode == "online":
+            return self.dataset[index]  # single items are flowed by batch, in __getitems__
+        lo, hi, w = self._bracket()
+        xs = self._data["x"]
+        if w == 0.0:
+            item = xs[lo][index]
+        elif w == 1.0:
+            item = xs[hi][index]
+        else:
+            a, b = xs[lo][index].float(), xs[hi][index].float()
+            mixed = torch.lerp(a, b, w)
+            item = mixed.round().clamp(0, 255).to(torch.uint8) if xs[lo].dtype == torch.uint8 else mixed
+        near = hi if w >= 0.5 else lo
+        if self.soft and self.labels == "flow" and near == self.snapshot_steps[-1] and self._data["soft"] is not None:
+            return item, self._data["soft"][index]
+        return item, int(self._data["y"][near][index])
+
+    def __getitems__(self, indices):
+        """Batched fetch used by DataLoader: online mode flows the whole batch here."""
+        if self.mode != "online":
+            return [self[i] for i in indices]
+        items = [self.dataset[i] for i in indices]
+        from .data import to_tensor
+
+        x = torch.stack([to_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+        fx, fy = self._transform(x, y)
+        if fy.ndim == 2:
+            return [(fx[i], fy[i]) for i in range(len(items))]
+        return [(fx[i], int(fy[i])) for i in range(len(items))]
+
+    def __repr__(self) -> str:
+        return (
+            f"FlowDataset(dataset={type(self.dataset).__name__}(len={len(self.dataset)}), "
+            f"reference={self.reference!r}, mode={self.mode!r}, objective={self.objective!r}, steps={self.steps}, "
+            f"step_size={self.step_size}, labels={self.labels!r}, snapshots={self.snapshot_steps}, "
+            f"strength={self.strength})"
+        )
