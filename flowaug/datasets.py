@@ -56,7 +56,7 @@ class FlowDataset(torch.utils.data.Dataset):
             when items are read).
         reference: Reference, ``(features, labels)``, tensor or Dataset (see :class:`~flowaug.Reference`).
         mode: ``"precompute"`` or ``"online"``.
-        objective, steps, step_size, labels, label_weight, decode, momentum, backend: as in
+        objective, steps, step_size, labels, label_weight, decode, class_map, momentum, backend: as in
             :func:`~flowaug.flow`.
         soft: with ``labels="flow"``, items carry soft labels (K',) instead of class ids.
         snapshots: precompute: steps to keep (a list, a count of evenly spaced ones, or None for the
@@ -95,6 +95,7 @@ class FlowDataset(torch.utils.data.Dataset):
         labels: str = "fixed",
         label_weight: float = 1.0,
         decode: str = "point",
+        class_map=None,
         soft: bool = False,
         momentum: float = 0.0,
         snapshots=None,
@@ -120,6 +121,9 @@ class FlowDataset(torch.utils.data.Dataset):
         self.labels = check_choice("labels", labels, LABEL_MODES)
         self.label_weight = check_real("label_weight", label_weight, low=0)
         self.decode = check_choice("decode", decode, DECODERS)
+        if class_map is not None and not isinstance(class_map, torch.Tensor):
+            check_choice("class_map", class_map, ("same", "ot"))
+        self.class_map = class_map
         self.soft = bool(soft)
         self.momentum = check_real("momentum", momentum, low=0, high=1, high_open=True)
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=2)
@@ -136,7 +140,8 @@ class FlowDataset(torch.utils.data.Dataset):
         if self.mode == "online":
             self._transform = FlowTransform(
                 self.reference, objective=self.objective, steps=self.steps, step_size=self.step_size,
-                labels=self.labels, label_weight=self.label_weight, decode=self.decode, soft=self.soft,
+                labels=self.labels, label_weight=self.label_weight, decode=self.decode, class_map=class_map,
+                soft=self.soft,
                 backend=self.backend, reference_size=self.reference_size, clamp=clamp, momentum=self.momentum,
                 seed=self.seed,
             )
@@ -164,7 +169,8 @@ class FlowDataset(torch.utils.data.Dataset):
         """Cache key: data, reference, every setting that changes the result, and the library version."""
         parts = [
             __version__, data_digest, self.reference.fingerprint(), repr(self.objective), self.steps,
-            self.step_size, self.labels, self.label_weight, self.decode, self.momentum, self.snapshot_steps,
+            self.step_size, self.labels, self.label_weight, self.decode, repr(self.class_map), self.momentum,
+            self.snapshot_steps,
             self.chunk_size, self.reference_size, self.backend, repr(self.clamp), self.seed,
         ]
         return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
@@ -215,6 +221,7 @@ class FlowDataset(torch.utils.data.Dataset):
                 xf[idx], y[idx] if use_labels else None, ref, objective=self.objective, steps=self.steps,
                 step_size=self.step_size, labels=self.labels if use_labels else "fixed",
                 label_weight=self.label_weight, decode=self.decode, momentum=self.momentum, clamp=clamp,
+                class_map=self.class_map if use_labels else None,
                 backend=self.backend, source_stats=stats, reference_index=ref_index,
                 generator=torch.Generator().manual_seed(self.seed * 1_000_003 + c),
                 snapshots=self.snapshot_steps, track_objective=False,
@@ -227,7 +234,7 @@ class FlowDataset(torch.utils.data.Dataset):
                 snaps[s][idx] = float_to_like(xs, x[idx]).as_subclass(torch.Tensor).to(store_dtype)
                 if self.labels == "flow" and use_labels:
                     # per point: each snapshot decoded at its time; per class: one relabelling for all
-                    snap_labels[s][idx] = ys if self.decode == "point" else out.labels
+                    snap_labels[s][idx] = ys if self.decode == "point" and self.class_map is None else out.labels
             if self.labels == "flow" and use_labels:
                 last = self.snapshot_steps[-1]
                 if self.soft:

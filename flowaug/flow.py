@@ -133,6 +133,7 @@ def flow(
     guard: bool = True,
     warm: dict | None = None,
     progress: bool = False,
+    class_map=None,
 ) -> FlowResult:
     """Flow a batch toward a reference dataset along the Wasserstein gradient flow of ``objective``.
 
@@ -167,6 +168,12 @@ def flow(
         guard: detect divergence (objective increase or non-finite values) and halve the step size.
         warm: solver state from a previous :class:`FlowResult` toward the same reference.
         progress: show a progress bar over steps.
+        class_map: class-wise flows instead of one joint label-aware flow: ``"same"`` (source class k
+            flows toward reference class k: same label set), ``"ot"`` (classes paired by
+            :func:`~flowaug.assign_classes`), or a (K,) tensor of reference classes. Each class flows
+            on its own, features only; ``labels="flow"`` returns the paired reference classes. Use it
+            when the label correspondence is known: OTDD's class distances across a domain shift can
+            pair the wrong classes (MNIST -> USPS: most MNIST classes are nearest to USPS class 4).
 
     Returns:
         a :class:`FlowResult`.
@@ -235,6 +242,16 @@ def flow(
             "pass label_weight=0 to flow features only"
         )
     shots = _snapshot_steps(snapshots, steps)
+    if class_map is not None:
+        if y is None or ref is None or ref.labels is None:
+            raise ValueError("class_map needs source labels y and a labeled reference")
+        return _classwise(
+            x, y, ref, class_map, source_stats=source_stats, labels=labels, reference_index=reference_index,
+            warm={} if warm is None else warm, progress=progress,
+            kwargs=dict(objective=obj, steps=steps, step_size=tau, momentum=momentum, clamp=clamp, backend=backend,
+                        dtype=dtype, snapshots=sorted(shots), generator=generator, track_objective=track_objective,
+                        guard=guard),
+        )
 
     # ---------------------------------------------------------------- set-up (compute dtype, no autocast)
     with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
@@ -375,6 +392,70 @@ def flow(
             class_map=class_map,
             warm=warm,
         )
+
+
+def _classwise(x, y, ref, class_map, *, source_stats, labels, reference_index, warm, progress, kwargs) -> FlowResult:
+    """One flow per source class toward its paired reference class (features only), reassembled."""
+    hard = y if y.ndim == 1 else y.argmax(1)
+    k_src = int(hard.max()) + 1
+    if isinstance(class_map, str):
+        check_choice("class_map", class_map, ("same", "ot"))
+        if class_map == "same":
+            mapping = torch.arange(k_src, device=x.device)
+        else:
+            stats = source_stats or ClassStats(single_sample=ref.stats.single_sample).update(x.reshape(len(x), -1).float(), y)
+            mapping = assign_classes(stats, ref.stats)[0].to(x.device)
+    elif isinstance(class_map, torch.Tensor) and class_map.ndim == 1 and not class_map.is_floating_point():
+        mapping = class_map.to(x.device).long()
+    else:
+        raise TypeError(f"class_map must be 'same', 'ot' or a 1-D integer tensor, got {describe(class_map)}")
+    if mapping.numel() < k_src:
+        raise ValueError(f"class_map must map {k_src} source classes, got {mapping.numel()} entries")
+    allowed = None
+    if reference_index is not None:
+        allowed = torch.zeros(ref.num_samples, dtype=torch.bool, device=ref.device)
+        allowed[reference_index] = True
+    out_x = torch.empty_like(x)
+    parts, traj, traj_y = [], None, None
+    iterations, tau_end, backend = [], kwargs["step_size"], ""
+    from tqdm.auto import tqdm
+
+    classes = torch.unique(hard).tolist()
+    for c in tqdm(classes, desc="class-wise flow", disable=not progress, leave=False):
+        idx = torch.nonzero(hard == c).flatten()
+        target = int(mapping[c])
+        in_class = ref.labels == target
+        if allowed is not None:
+            in_class &= allowed
+        ref_idx = torch.nonzero(in_class).flatten()
+        if ref_idx.numel() == 0:
+            raise ValueError(f"reference has no samples of class {target}, paired with source class {c}")
+        sub = flow(x[idx], None, ref, label_weight=0.0, reference_index=ref_idx,
+                   warm=warm.setdefault(("class", c), {}), **kwargs)
+        out_x[idx] = sub.x
+        parts.append((len(idx) / len(x), sub.objective))
+        if traj is None:
+            traj = [torch.empty_like(x) for _ in sub.trajectory]
+        for t_all, t_sub in zip(traj, sub.trajectory):
+            t_all[idx] = t_sub
+        iterations.extend(sub.iterations)
+        tau_end, backend = min(tau_end, sub.step_size), sub.backend
+    objective = None
+    if kwargs["track_objective"]:
+        length = max(len(v) for _, v in parts)
+        pad = [torch.cat([v, v[-1:].expand(length - len(v))]) for _, v in parts]
+        objective = sum(w * v for (w, _), v in zip(parts, pad))
+    new_labels = y if labels == "fixed" else mapping[hard]
+    soft = None if labels == "fixed" else torch.nn.functional.one_hot(new_labels, int(mapping.max()) + 1).float()
+    steps = kwargs["steps"]
+    times = torch.arange(steps + 1, dtype=torch.float64) * kwargs["step_size"]
+    return FlowResult(
+        x=out_x, labels=new_labels, soft_labels=soft, objective=objective,
+        times=times[: len(objective)] if objective is not None else times,
+        trajectory=traj or [], trajectory_times=[float(times[s]) for s in kwargs["snapshots"]][: len(traj or [])],
+        trajectory_labels=[None if labels == "fixed" else new_labels] * len(traj or []),
+        step_size=tau_end, backend=backend, iterations=iterations, class_map=mapping, warm=warm,
+    )
 
 
 def _decode(z, y, emb, weight, d, temperature):

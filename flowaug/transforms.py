@@ -70,6 +70,7 @@ class FlowTransform(Transform):
             back as reference classes).
         label_weight: lambda of the OTDD label term (0: features only).
         decode: ``"point"`` or ``"class"`` (see :func:`~flowaug.flow`).
+        class_map: class-wise flows (``"same"``, ``"ot"`` or a tensor; see :func:`~flowaug.flow`).
         soft: with ``labels="flow"``, return soft labels (B, K') instead of class ids.
         backend: ``"auto"``, ``"tensorized"`` or ``"keops"``.
         reference_size: number of reference points drawn per batch (None: the whole reference).
@@ -111,6 +112,7 @@ class FlowTransform(Transform):
         labels: str = "fixed",
         label_weight: float = 1.0,
         decode: str = "point",
+        class_map=None,
         soft: bool = False,
         backend: str = "auto",
         reference_size: int | None = None,
@@ -131,6 +133,9 @@ class FlowTransform(Transform):
         self.labels = check_choice("labels", labels, LABEL_MODES)
         self.label_weight = check_real("label_weight", label_weight, low=0)
         self.decode = check_choice("decode", decode, DECODERS)
+        if class_map is not None and not isinstance(class_map, torch.Tensor):
+            check_choice("class_map", class_map, ("same", "ot"))
+        self.class_map = class_map
         self.soft = bool(soft)
         self.backend = check_choice("backend", backend, backends.BACKENDS)
         if reference_size is not None:
@@ -245,7 +250,8 @@ class FlowTransform(Transform):
         result = flow(
             x, labels if use_labels else None, ref,
             objective=self.objective, steps=n, step_size=tau, labels=self.labels if use_labels else "fixed",
-            label_weight=self.label_weight, decode=self.decode, momentum=self.momentum,
+            label_weight=self.label_weight, decode=self.decode, class_map=self.class_map if use_labels else None,
+            momentum=self.momentum,
             clamp=self._clamp_range(ref), backend=self.backend, source_stats=stats if use_labels else None,
             reference_index=params["reference_index"],
             generator=torch.Generator().manual_seed(params["flow_seed"]),
@@ -279,6 +285,7 @@ class FlowTransform(Transform):
             f"labels={self.labels!r}",
             f"label_weight={self.label_weight}",
             f"decode={self.decode!r}",
+            f"class_map={self.class_map!r}",
             f"soft={self.soft}",
             f"backend={self.backend!r}",
             f"reference_size={self.reference_size}",

@@ -303,3 +303,32 @@ class TestOptions:
         cold = flowaug.flow(first.x, reference=ref, steps=1)
         assert torch.allclose(again.x, cold.x, atol=1e-3)  # both within the solver tolerance
         assert again.iterations[0][0] <= cold.iterations[0][0]
+
+
+class TestClasswise:
+    def setup_method(self):
+        # source class k at (3k, 0); reference class k at (3k, 5): same label sets, shifted domain
+        self.x, self.y = blobs(60, [[0.0, 0.0], [3.0, 0.0], [6.0, 0.0]], std=0.3, seed=11)
+        self.rx, self.ry = blobs(50, [[0.0, 5.0], [3.0, 5.0], [6.0, 5.0]], std=0.3, seed=12)
+
+    def test_same_moves_each_class_onto_its_reference_class(self):
+        out = flowaug.flow(self.x, self.y, (self.rx, self.ry), class_map="same", steps=10)
+        for k in range(3):
+            assert torch.allclose(out.x[self.y == k].mean(0), self.rx[self.ry == k].mean(0), atol=0.1)
+        assert torch.equal(out.labels, self.y)
+        assert torch.all(out.objective[1:] <= out.objective[:-1] + 1e-6)
+
+    def test_explicit_map_and_flowed_labels(self):
+        perm = torch.tensor([2, 0, 1])
+        out = flowaug.flow(self.x, self.y, (self.rx, self.ry), class_map=perm, labels="flow", steps=10)
+        assert torch.equal(out.labels, perm[self.y])
+        for k in range(3):
+            assert torch.allclose(out.x[self.y == k].mean(0), self.rx[self.ry == perm[k]].mean(0), atol=0.1)
+
+    def test_ot_pairing_recovers_the_correspondence(self):
+        out = flowaug.flow(self.x, self.y, (self.rx, self.ry), class_map="ot", steps=3)
+        assert out.class_map.tolist() == [0, 1, 2]
+
+    def test_missing_reference_class_is_named(self):
+        with pytest.raises(ValueError, match="class 3"):
+            flowaug.flow(self.x, self.y, (self.rx, self.ry), class_map=torch.tensor([0, 1, 3]), steps=1)
