@@ -242,16 +242,21 @@ def flow(
             "pass label_weight=0 to flow features only"
         )
     shots = _snapshot_steps(snapshots, steps)
+    mask = None  # class-wise flows run as one problem: (codes, ref codes, penalty, ref log-weights, labels)
     if class_map is not None:
         if y is None or ref is None or ref.labels is None:
             raise ValueError("class_map needs source labels y and a labeled reference")
-        return _classwise(
-            x, y, ref, class_map, source_stats=source_stats, labels=labels, reference_index=reference_index,
-            warm={} if warm is None else warm, progress=progress,
-            kwargs=dict(objective=obj, steps=steps, step_size=tau, momentum=momentum, clamp=clamp, backend=backend,
-                        dtype=dtype, snapshots=sorted(shots), generator=generator, track_objective=track_objective,
-                        guard=guard),
-        )
+        mapping = _class_mapping(class_map, x, y, ref, source_stats)
+        if not obj.class_mask:  # e.g. sliced or energy distance: one flow per class
+            return _classwise(
+                x, y, ref, mapping, labels=labels, reference_index=reference_index,
+                warm={} if warm is None else warm, progress=progress,
+                kwargs=dict(objective=obj, steps=steps, step_size=tau, momentum=momentum, clamp=clamp,
+                            backend=backend, dtype=dtype, snapshots=sorted(shots), generator=generator,
+                            track_objective=track_objective, guard=guard),
+            )
+        mask, reference_index = _class_mask(x, y, ref, mapping, reference_index)
+        use_labels = False
 
     # ---------------------------------------------------------------- set-up (compute dtype, no autocast)
     with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
@@ -275,6 +280,9 @@ def flow(
             z_ref=z_ref, ref_half=ref_half, backend=chosen, feature_dim=d, feature_shape=tuple(x.shape[1:]),
             labels=y, cache=cache, generator=generator, ref_subset=reference_index,
         )
+        if mask is not None:
+            ctx.codes, ctx.ref_codes = mask["codes"].to(dtype), mask["ref_codes"].to(dtype)
+            ctx.penalty, ctx.ref_log_weights = mask["penalty"], mask["ref_log_weights"].to(dtype)
         warm = {} if warm is None else warm
         run = _Runner(obj, ctx, warm, x.device, z_ref.shape[0])
         moving = slice(None) if labels == "flow" else slice(0, d)
@@ -291,7 +299,12 @@ def flow(
         def snap(zz, t):
             traj.append(_restore(zz, x, d))
             traj_t.append(t)
-            traj_y.append(_decode(zz, y, emb, label_weight, d, soft_temperature)[0] if labels == "flow" and decode == "point" else None)
+            if labels != "flow":
+                traj_y.append(None)
+            elif mask is not None:
+                traj_y.append(mask["labels"])
+            else:
+                traj_y.append(_decode(zz, y, emb, label_weight, d, soft_temperature)[0] if decode == "point" else None)
 
         if 0 in shots:
             snap(z, 0.0)
@@ -361,7 +374,12 @@ def flow(
         # ---------------------------------------------------------------- outputs
         out_x = _restore(z, x, d)
         hard, soft, class_map = y, None, None
-        if labels == "flow":
+        if mask is not None:
+            class_map = mapping
+            if labels == "flow":
+                hard = mask["labels"]
+                soft = torch.nn.functional.one_hot(hard, int(mapping.max()) + 1).float()
+        elif labels == "flow":
             if decode == "point":
                 hard, soft = _decode(z, y, emb, label_weight, d, soft_temperature)
             else:
@@ -394,8 +412,8 @@ def flow(
         )
 
 
-def _classwise(x, y, ref, class_map, *, source_stats, labels, reference_index, warm, progress, kwargs) -> FlowResult:
-    """One flow per source class toward its paired reference class (features only), reassembled."""
+def _class_mapping(class_map, x, y, ref, source_stats) -> torch.Tensor:
+    """(K,) reference class of every source class, from ``"same"``, ``"ot"`` or a tensor."""
     hard = y if y.ndim == 1 else y.argmax(1)
     k_src = int(hard.max()) + 1
     if isinstance(class_map, str):
@@ -411,6 +429,47 @@ def _classwise(x, y, ref, class_map, *, source_stats, labels, reference_index, w
         raise TypeError(f"class_map must be 'same', 'ot' or a 1-D integer tensor, got {describe(class_map)}")
     if mapping.numel() < k_src:
         raise ValueError(f"class_map must map {k_src} source classes, got {mapping.numel()} entries")
+    return mapping
+
+
+#: the class-mask penalty, in units of the reference's squared median distance: cross-class costs are
+#: then >= 1e4 times typical costs, so their kernel/plan entries are exactly 0 after the -80 clamp
+CLASS_PENALTY = 1e4
+
+
+def _class_mask(x, y, ref, mapping, reference_index):
+    """Codes and weights that make one flow equal to independent class-wise flows.
+
+    A cost penalty ``P/2 (c_i - c_j)^2`` forbids transport between different class codes; reference
+    points of class c get weight ``(n_c / N) / m_c`` so that each class carries the same mass on both
+    sides, i.e. every class flows toward its own reference class as a normalised measure.
+    """
+    hard = y if y.ndim == 1 else y.argmax(1)
+    codes = mapping[hard.long()]  # (N,) target class of every moving point
+    needed = torch.unique(codes)
+    keep = torch.isin(ref.labels, needed)
+    if reference_index is not None:
+        allowed = torch.zeros_like(keep)
+        allowed[reference_index] = True
+        keep &= allowed
+    index = torch.nonzero(keep).flatten()
+    ref_codes = ref.labels[index]
+    counts_src = torch.bincount(codes, minlength=int(needed.max()) + 1).double()
+    counts_ref = torch.bincount(ref_codes, minlength=int(needed.max()) + 1).double()
+    missing = [int(c) for c in needed if counts_ref[c] == 0]
+    if missing:
+        raise ValueError(f"reference has no samples of class {missing[0]}, paired with source classes "
+                         f"{torch.nonzero(mapping == missing[0]).flatten().tolist()}")
+    weights = (counts_src / len(codes))[ref_codes] / counts_ref[ref_codes]  # (M,) sums to 1
+    penalty = CLASS_PENALTY * ref.median_distance() ** 2
+    return {"codes": codes.double(), "ref_codes": ref_codes.double(), "penalty": penalty,
+            "ref_log_weights": weights.log(), "labels": codes}, index
+
+
+def _classwise(x, y, ref, mapping, *, labels, reference_index, warm, progress, kwargs) -> FlowResult:
+    """One flow per source class toward its paired reference class (features only), reassembled.
+    The fallback for objectives that cannot run class-wise as one problem (see ``Objective.class_mask``)."""
+    hard = y if y.ndim == 1 else y.argmax(1)
     allowed = None
     if reference_index is not None:
         allowed = torch.zeros(ref.num_samples, dtype=torch.bool, device=ref.device)

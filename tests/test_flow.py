@@ -332,3 +332,16 @@ class TestClasswise:
     def test_missing_reference_class_is_named(self):
         with pytest.raises(ValueError, match="class 3"):
             flowaug.flow(self.x, self.y, (self.rx, self.ry), class_map=torch.tensor([0, 1, 3]), steps=1)
+
+    @pytest.mark.parametrize("objective", [Sinkhorn(blur=0.5, tol=1e-4), MMD("gaussian")], ids=["sinkhorn", "mmd"])
+    def test_one_masked_problem_equals_independent_class_flows(self, objective, monkeypatch):
+        """Class-wise flows run as one problem (cost mask + class-reweighted reference) when the objective
+        allows it; the result must equal one flow per class."""
+        x, y = self.x[::2], self.y[::2]  # unequal class proportions between batch and reference
+        x, y = torch.cat([x, x[y == 0][:7] + 0.1]), torch.cat([y, y[y == 0][:7]])
+        kwargs = dict(class_map="same", steps=4, step_size=0.5, objective=objective)
+        joint = flowaug.flow(x, y, (self.rx, self.ry), **kwargs)
+        monkeypatch.setattr(type(objective), "class_mask", False)
+        loop = flowaug.flow(x, y, (self.rx, self.ry), **kwargs)
+        assert torch.allclose(joint.x, loop.x, atol=1e-4)
+        assert torch.allclose(joint.objective, loop.objective, rtol=1e-3, atol=1e-6)

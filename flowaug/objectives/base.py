@@ -9,6 +9,7 @@ term) is computed once and cached there, never per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +62,24 @@ class Context:
     cache: dict = field(default_factory=dict)
     workspace: Workspace = field(default_factory=Workspace)
     generator: torch.Generator | None = None
-    ref_key: Any = None  # identifies the reference cloud for caches (the full reference, not a subset)
     ref_subset: torch.Tensor | None = None  # indices into the full reference when z_ref is a subset
+    ref_log_weights: torch.Tensor | None = None  # (M,) log-weights of the reference points (None: uniform)
+    codes: torch.Tensor | None = None  # (N,) class codes of the moving points, for class-wise flows
+    ref_codes: torch.Tensor | None = None  # (M,) class codes of the reference points
+    penalty: float = 0.0  # cost added per unit squared code difference (confines transport to a class)
+
+    def ref_weights_log(self, like: torch.Tensor) -> torch.Tensor:
+        """(M,) log-weights of the reference (uniform unless class-wise weights are set)."""
+        if self.ref_log_weights is not None:
+            return self.ref_log_weights.to(like)
+        m = self.z_ref.shape[0]
+        return like.new_full((m,), -math.log(m))
+
+    def _codes(self, x_side: str, y_side: str):
+        if self.codes is None:
+            return None
+        pick = {"x": self.codes, "ref": self.ref_codes}
+        return pick[x_side], pick[y_side], self.penalty
 
     def median_distance(self) -> float:
         """Median pairwise distance between reference points (on at most 1024 of them), cached.
@@ -75,10 +92,14 @@ class Context:
         return self.cache["median_distance"]
 
     def pair(self, x: torch.Tensor, y: torch.Tensor | None = None, *, x_half=None, tag: str = "xy"):
-        """Cost operator between ``x`` and ``y`` (default: the reference) on the chosen backend."""
+        """Cost operator between ``x`` and ``y``: the moving points and the reference (``y=None``), the moving
+        points with themselves (``y is x``), or the reference with itself (``x is y is z_ref``)."""
         if y is None:
-            return PAIR[self.backend](x, self.z_ref, x_half=x_half, y_half=self.ref_half, workspace=self.workspace, tag=tag)
-        return PAIR[self.backend](x, y, x_half=x_half, y_half=x_half if y is x else None, workspace=self.workspace, tag=tag)
+            return PAIR[self.backend](x, self.z_ref, x_half=x_half, y_half=self.ref_half, workspace=self.workspace,
+                                      tag=tag, codes=self._codes("x", "ref"))
+        side = "ref" if x is self.z_ref else "x"
+        return PAIR[self.backend](x, y, x_half=x_half, y_half=x_half if y is x else None, workspace=self.workspace,
+                                  tag=tag, codes=self._codes(side, side))
 
 
 class Objective:
@@ -93,6 +114,8 @@ class Objective:
     temperature: float = 0.0
     #: True when the term draws random numbers (sliced projections): its value is not monotone
     stochastic: bool = False
+    #: True when class-wise flows can run as one problem for this term (cost mask + reference weights)
+    class_mask: bool = False
 
     def evaluate(self, z: torch.Tensor, ctx: Context, warm: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the value without its reference-only constant (a 0-dim tensor) and the Wasserstein
@@ -143,6 +166,10 @@ class WeightedSum(Objective):
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         return any(t.stochastic for _, t in self._terms)
+
+    @property
+    def class_mask(self) -> bool:  # type: ignore[override]
+        return all(t.class_mask for _, t in self._terms)
 
     def evaluate(self, z, ctx, warm):
         value = z.new_zeros(())

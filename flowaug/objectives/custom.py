@@ -30,6 +30,8 @@ class Custom(Objective):
         True
     """
 
+    class_mask = True  # one call on the whole batch (a class-wise loop would call it per class)
+
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
         self.fn = _require_callable("fn", fn)
 

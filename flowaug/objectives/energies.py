@@ -48,6 +48,8 @@ class Potential(Objective):
         True
     """
 
+    class_mask = True  # per point: a class-wise flow changes nothing
+
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.fn = _require_callable("fn", fn)
 
@@ -85,6 +87,8 @@ class Interaction(Objective):
 
 class Entropy(Objective):
     """Entropy at temperature ``T``: Langevin noise of variance ``2 tau T`` per step on the features."""
+
+    class_mask = True
 
     def __init__(self, temperature: float):
         self.temperature = check_real("temperature", temperature, low=0)

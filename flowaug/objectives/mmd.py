@@ -22,6 +22,14 @@ KERNELS = ("gaussian", "laplacian", "energy")
 _EXP_FLOOR = -80.0  # see flowaug.backends.dense: exp below -88 takes a slow path on CPU
 
 
+def _inverse_class_mass(codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N,) ``1 / w_c`` of each point's class, ``w_c`` the total weight of its class code."""
+    _, inverse = torch.unique(codes, return_inverse=True)
+    mass = torch.zeros(int(inverse.max()) + 1, dtype=weights.dtype, device=weights.device)
+    mass.index_add_(0, inverse, weights)
+    return 1.0 / mass[inverse]
+
+
 class _Gaussian:
     """k = exp(-||x - y||^2 / (2 s^2)) = exp(-C / s^2), phi = -k / s^2."""
 
@@ -109,6 +117,10 @@ class MMD(Objective):
             bandwidth = check_real("bandwidth", bandwidth, low=0, low_open=True)
         self.bandwidth = bandwidth
 
+    @property
+    def class_mask(self) -> bool:  # a cost penalty sends Gaussian/Laplacian kernels to 0, not the energy's
+        return self.kernel != "energy"
+
     def scale(self, ctx: Context) -> float:
         return ctx.median_distance() if self.bandwidth == "auto" else self.bandwidth
 
@@ -122,22 +134,31 @@ class MMD(Objective):
         kernel = self._kernel(ctx)
         n, m = z.shape[0], ctx.z_ref.shape[0]
         a = z.new_full((n,), 1.0 / n)
-        b = z.new_full((m,), 1.0 / m)
+        b = ctx.ref_weights_log(z).exp()
         x_half = (z * z).sum(1).mul_(0.5)
         k_xx, p_xx, py_xx = ctx.pair(z, z, x_half=x_half, tag="xx").kernel_terms(kernel, a)
         k_xy, p_xy, py_xy = ctx.pair(z, x_half=x_half, tag="xy").kernel_terms(kernel, b)
-        value = 0.5 * (a @ k_xx) - a @ k_xy
         grad = z * (p_xx - p_xy)[:, None] - py_xx + py_xy  # (N, D)
-        return value, grad
+        per_point = 0.5 * k_xx - k_xy  # (N,)
+        if ctx.codes is not None:
+            # Class-wise: the masked joint MMD is sum_c w_c^2 MMD_c (MMD is quadratic in the measure) while
+            # the class-wise objective is sum_c w_c MMD_c; rescale each point by 1 / w_c (w_c = n_c / N).
+            scale = _inverse_class_mass(ctx.codes, a)  # (N,)
+            per_point = per_point * scale
+            grad = grad * scale[:, None]
+        return a @ per_point, grad
 
     def constant(self, ctx):
         key = ("mmd.self", self.kernel, self.scale(ctx) if self.kernel != "energy" else None)
-        if ctx.ref_subset is None and key in ctx.cache:
+        cacheable = ctx.ref_subset is None and ctx.ref_log_weights is None
+        if cacheable and key in ctx.cache:
             return ctx.cache[key]
         y = ctx.z_ref
-        b = y.new_full((y.shape[0],), 1.0 / y.shape[0])
+        b = ctx.ref_weights_log(y).exp()
         k_yy, _, _ = ctx.pair(y, y, x_half=ctx.ref_half, tag="yy").kernel_terms(self._kernel(ctx), b)
+        if ctx.ref_codes is not None:
+            k_yy = k_yy * _inverse_class_mass(ctx.ref_codes, b)
         value = 0.5 * float(b @ k_yy)
-        if ctx.ref_subset is None:
+        if cacheable:
             ctx.cache[key] = value
         return value
