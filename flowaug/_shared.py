@@ -52,44 +52,48 @@ def strength_property(doc: str) -> property:
 class ProcessGenerator:
     """A ``torch.Generator`` private to the current process and DataLoader worker.
 
-    With a ``seed`` the stream is reproducible: the main process uses the seed itself; a worker mixes in
-    the DataLoader's per-worker seed (``base_seed + worker_id``, drawn anew every epoch from the main
-    process RNG), so workers differ from each other and from one epoch to the next. Without a seed, the
-    process's ``torch.initial_seed()`` is used (what DataLoader sets per worker).
+    The stream is seeded from ``seed`` and where it runs:
+
+    * with an epoch published (``epoch >= 0``, set by :class:`~flowaug.FlowAnnealing`): from
+      ``(seed, worker id, epoch)``. The stream restarts at every epoch, so a run resumed from a checkpoint
+      at an epoch boundary draws exactly what the uninterrupted run drew (given the same batch order);
+    * otherwise: the main process uses ``seed``; a worker mixes in the DataLoader's per-worker seed
+      (``base_seed + worker_id``, drawn anew every epoch from the main process RNG), so workers differ from
+      each other and from one epoch to the next.
+
+    Without a seed, the process's ``torch.initial_seed()`` is used (what DataLoader sets per worker).
     """
 
-    def __init__(self, seed: int | None):
+    def __init__(self, seed: int | None, epoch: SharedValue | None = None):
         self.seed = seed
+        self.epoch = epoch if epoch is not None else SharedValue(-1, "epoch", low=-1, high=2**62)
         self._gen: torch.Generator | None = None
         self._owner = None
 
     def _identity(self):
         info = torch.utils.data.get_worker_info()
-        return os.getpid(), None if info is None else (info.id, info.seed)
+        return os.getpid(), None if info is None else (info.id, info.seed), int(self.epoch.get())
 
     def get(self) -> torch.Generator:
         owner = self._identity()
         if self._gen is None or owner != self._owner:
-            worker = owner[1]
+            _, worker, epoch = owner
             if self.seed is None:
-                seed = torch.initial_seed()
+                seed = torch.initial_seed() if epoch < 0 else _mix(torch.initial_seed(), epoch)
+            elif epoch >= 0:
+                seed = _mix(self.seed, "main" if worker is None else worker[0], epoch)
             elif worker is None:
                 seed = self.seed
             else:
-                digest = hashlib.blake2b(f"{self.seed}:{worker[1]}".encode(), digest_size=8).digest()
-                seed = int.from_bytes(digest, "little")
+                seed = _mix(self.seed, worker[1])
             self._gen = torch.Generator().manual_seed(seed % (2**63))
             self._owner = owner
         return self._gen
 
     def __getstate__(self):
-        return {"seed": self.seed, "_gen": None, "_owner": None}
+        return {"seed": self.seed, "epoch": self.epoch, "_gen": None, "_owner": None}
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "state": None if self._gen is None else self._gen.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = state["seed"]
-        self._gen, self._owner = None, None
-        if state["state"] is not None:
-            self.get().set_state(state["state"])
+def _mix(*parts) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")

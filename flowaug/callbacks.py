@@ -131,12 +131,15 @@ class FlowAnnealing(pl.Callback):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> float:
         if self._resume is not None:  # the trainer's loop counters are not restored yet (see on_fit_start)
-            position = self._resume[self.interval]
+            epoch, step = self._resume["epoch"], self._resume["step"]
         else:
-            position = trainer.current_epoch if self.interval == "epoch" else trainer.global_step
+            epoch, step = trainer.current_epoch, trainer.global_step
+        position = epoch if self.interval == "epoch" else step
         value = self.value_at(position, self._total(trainer))
         for t in self.targets:
             t.strength = value
+            if hasattr(t, "_epoch"):  # restarts the targets' random streams per epoch (exact resume)
+                t._epoch.set(epoch)
         self.current, self.position = value, position
         return value
 

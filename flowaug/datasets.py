@@ -48,6 +48,14 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class FlowDataset(torch.utils.data.Dataset):
     """A Dataset whose items are flowed toward a reference.
 
@@ -137,6 +145,7 @@ class FlowDataset(torch.utils.data.Dataset):
         self.snapshot_steps = self._snapshot_steps(snapshots)
         self.cache_status: str | None = None
         self._data = None
+        self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
         if self.mode == "online":
             self._transform = FlowTransform(
                 self.reference, objective=self.objective, steps=self.steps, step_size=self.step_size,
@@ -146,6 +155,7 @@ class FlowDataset(torch.utils.data.Dataset):
                 seed=self.seed,
             )
             self._transform._strength = self._strength  # one shared value for both
+            self._transform._epoch = self._transform._rng.epoch = self._epoch  # published by FlowAnnealing
         else:
             self._transform = None
             self.precompute()
@@ -191,8 +201,11 @@ class FlowDataset(torch.utils.data.Dataset):
                 warnings.warn(f"FlowDataset cache {path}: {reason}; rebuilding it", RuntimeWarning, stacklevel=3)
         self._data = self._run(x, y)
         self.cache_status = "built"
-        if path is not None:
+        rank, world = _distributed()
+        if path is not None and rank == 0:
             write_cache(path, key, self._data)
+        if world > 1:
+            torch.distributed.barrier()
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         from tqdm.auto import tqdm
@@ -202,8 +215,7 @@ class FlowDataset(torch.utils.data.Dataset):
         ref = self.reference.to(xf.device)
         use_labels = self.label_weight > 0 and ref.labels is not None
         stats = ClassStats(single_sample=ref.single_sample).update(xf, y) if use_labels else None
-        gen = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         n_chunks = math.ceil(n / self.chunk_size)
         store_dtype = torch.uint8 if x.dtype == torch.uint8 else torch.float32
         snaps = {s: torch.empty(x.shape, dtype=store_dtype) for s in self.snapshot_steps}
@@ -212,11 +224,17 @@ class FlowDataset(torch.utils.data.Dataset):
         clamp = ref.value_range() if self.clamp == "auto" else self.clamp
         bar = tqdm(range(n_chunks), desc="flowing dataset", disable=not self.progress, leave=False)
         chunks = torch.tensor_split(order, n_chunks)  # even sizes: no tiny last chunk (a poor sample)
+        rank, world = _distributed()  # under DDP each rank flows every world-th chunk, then all gather
+        done = []
         for c in bar:
+            if c % world != rank:
+                continue
             idx = chunks[c]
+            done.append(c)
             ref_index = None
             if self.reference_size is not None and self.reference_size < ref.num_samples:
-                ref_index = torch.randperm(ref.num_samples, generator=gen)[: self.reference_size]
+                chunk_gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_033 + c)  # same on any rank
+                ref_index = torch.randperm(ref.num_samples, generator=chunk_gen)[: self.reference_size]
             out = flow(
                 xf[idx], y[idx] if use_labels else None, ref, objective=self.objective, steps=self.steps,
                 step_size=self.step_size, labels=self.labels if use_labels else "fixed",
@@ -241,7 +259,27 @@ class FlowDataset(torch.utils.data.Dataset):
                     if soft[last] is None:
                         soft[last] = torch.zeros(n, out.soft_labels.shape[1])
                     soft[last][idx] = out.soft_labels
+        if world > 1:
+            self._gather(chunks, done, snaps, snap_labels, soft)
         return {"x": snaps, "y": snap_labels, "soft": soft.get(self.snapshot_steps[-1]), "dtype": str(x.dtype)}
+
+    def _gather(self, chunks, done, snaps, snap_labels, soft) -> None:
+        """All-gather the chunks flowed by every rank (torch.distributed, any backend)."""
+        last = self.snapshot_steps[-1]
+        mine = [(c, {s: snaps[s][chunks[c]] for s in snaps}, {s: snap_labels[s][chunks[c]] for s in snap_labels},
+                 None if soft[last] is None else soft[last][chunks[c]]) for c in done]
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        for part in gathered:
+            for c, xs, ys, ps in part:
+                idx = chunks[c]
+                for s in snaps:
+                    snaps[s][idx] = xs[s]
+                    snap_labels[s][idx] = ys[s]
+                if ps is not None:
+                    if soft[last] is None:
+                        soft[last] = torch.zeros(len(snap_labels[last]), ps.shape[1])
+                    soft[last][idx] = ps
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:

@@ -73,6 +73,24 @@ class FlowResult:
     warm: dict = field(default_factory=dict, repr=False)
 
 
+def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
+    """Warn (with the fix) when batch and reference live on scales 20x apart, e.g. 0..255 vs 0..1."""
+    lo, hi = ref.value_range()
+    ref_size = max(abs(lo), abs(hi))
+    size = float(x.detach().abs().amax()) if x.numel() else 0.0
+    if ref_size > 0 and size > 20 * ref_size:
+        warnings.warn(
+            f"x reaches {size:.4g} but the reference lies in [{lo:.4g}, {hi:.4g}]: they look like different "
+            "units (pixels 0..255 vs 0..1?); scale x (x / 255, or v2.ToDtype(torch.float32, scale=True))",
+            RuntimeWarning, stacklevel=3,
+        )
+    elif size > 0 and ref_size > 20 * size:
+        warnings.warn(
+            f"the reference reaches {ref_size:.4g} but x lies within {size:.4g}: they look like different units "
+            "(pixels 0..255 vs 0..1?); scale the reference the same way as x", RuntimeWarning, stacklevel=3,
+        )
+
+
 def _check_batch(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, ...), got {describe(x)}")
@@ -205,7 +223,6 @@ def flow(
         hi = check_real("clamp[1]", clamp[1], low=lo)
         clamp = (lo, hi)
     obj = as_objective(objective)
-    check_finite_tensor("x", x)
     n = x.shape[0]
     ref = None if reference is None else Reference.coerce(reference)
     if ref is None:
@@ -220,6 +237,9 @@ def flow(
                 f"x samples have {x[0].numel()} features (shape {tuple(x.shape[1:])}) but reference samples "
                 f"have {d_ref} (shape {ref.sample_shape}); they must match"
             )
+    check_finite_tensor("x", x)
+    if ref is not None:
+        _warn_on_scale_mismatch(x, ref)
     if reference_index is not None:
         if ref is None:
             raise ValueError("reference_index needs a reference")

@@ -160,7 +160,8 @@ class FlowTransform(Transform):
         self.source_stats = source_stats
         self._online_stats = source_stats is None
         self.warm_start = bool(warm_start)
-        self._rng = ProcessGenerator(seed)
+        self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)  # published by FlowAnnealing
+        self._rng = ProcessGenerator(seed, self._epoch)
         self._warm: dict = {}
         self.last_objective: float | None = None
 

@@ -98,9 +98,10 @@ class MMD(Objective):
         bandwidth: kernel scale ``s`` in data units, or ``"auto"``: the median pairwise distance between
             reference points (the median heuristic). A fixed small bandwidth is a trap in high dimension:
             at d = 784, s = 0.5 on [0, 1] images gives kernel values (and gradients) of exactly 0.
-
-    The Wasserstein gradient of a Gaussian MMD has size about ``distance / s^2`` times a kernel value, so
-    a step size near ``s^2`` moves points by about their distance to the reference.
+        normalize: report ``s^2 MMD^2`` (energy: ``median distance x MMD^2``), a length squared like the
+            Sinkhorn divergence, so that step sizes carry over between objectives and data scales (the
+            Wasserstein gradient of a plain Gaussian MMD^2 has size about ``distance / s^2``). False gives
+            geomloss's ``SamplesLoss`` values.
 
     Example:
         >>> import torch, flowaug
@@ -111,11 +112,20 @@ class MMD(Objective):
         True
     """
 
-    def __init__(self, kernel: str = "gaussian", bandwidth="auto"):
+    def __init__(self, kernel: str = "gaussian", bandwidth="auto", *, normalize: bool = True):
         self.kernel = check_choice("kernel", kernel, KERNELS)
         if bandwidth != "auto":
             bandwidth = check_real("bandwidth", bandwidth, low=0, low_open=True)
         self.bandwidth = bandwidth
+        self.normalize = bool(normalize)
+
+    def factor(self, ctx: Context) -> float:
+        """Unit of the objective: ``s^2`` (Gaussian, Laplacian) or the median distance (energy) when
+        ``normalize``, so that Wasserstein gradients are lengths and ``step_size`` means what it means for
+        Sinkhorn (tau = 1 moves a point by about its distance to the reference) at any data scale."""
+        if not self.normalize:
+            return 1.0
+        return ctx.median_distance() if self.kernel == "energy" else self.scale(ctx) ** 2
 
     @property
     def class_mask(self) -> bool:  # a cost penalty sends Gaussian/Laplacian kernels to 0, not the energy's
@@ -146,7 +156,8 @@ class MMD(Objective):
             scale = _inverse_class_mass(ctx.codes, a)  # (N,)
             per_point = per_point * scale
             grad = grad * scale[:, None]
-        return a @ per_point, grad
+        unit = self.factor(ctx)
+        return (a @ per_point) * unit, grad.mul_(unit)
 
     def constant(self, ctx):
         key = ("mmd.self", self.kernel, self.scale(ctx) if self.kernel != "energy" else None)
@@ -158,7 +169,7 @@ class MMD(Objective):
         k_yy, _, _ = ctx.pair(y, y, x_half=ctx.ref_half, tag="yy").kernel_terms(self._kernel(ctx), b)
         if ctx.ref_codes is not None:
             k_yy = k_yy * _inverse_class_mass(ctx.ref_codes, b)
-        value = 0.5 * float(b @ k_yy)
+        value = 0.5 * float(b @ k_yy) * self.factor(ctx)
         if cacheable:
             ctx.cache[key] = value
         return value

@@ -28,6 +28,7 @@ geomloss remains the reference implementation: the tests compare values and grad
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -137,6 +138,8 @@ class Sinkhorn(Objective):
             g, f, dual = g_new, f_new, dual_new
             if delta < self.tol * eps:
                 break
+        else:
+            self._unconverged = delta / eps
         return g, iters
 
     def _solve_self(self, pair, eps, a_log, f, schedule):
@@ -157,6 +160,7 @@ class Sinkhorn(Objective):
     def evaluate(self, z, ctx, warm):
         n, m = z.shape[0], ctx.z_ref.shape[0]
         eps = self.epsilon(ctx)
+        self._unconverged = None
         a_log, b_log = _log_uniform(n, z), ctx.ref_weights_log(z)
         x_half = (z * z).sum(1).mul_(0.5)  # (N,)
         use_warm = self.warm_start and warm.get("eps") == eps
@@ -180,6 +184,13 @@ class Sinkhorn(Objective):
         else:
             grad.add_(z)  # N grad of OT(a, b) alone is x - T_ab(x)
         warm.update(g_ab=g, eps=eps, n=n, m=m, iterations=(it_ab, it_aa))
+        if self._unconverged is not None and not warm.get("warned"):
+            warm["warned"] = True
+            warnings.warn(
+                f"Sinkhorn did not converge in max_iter={self.max_iter} iterations at blur {math.sqrt(eps):.3g} "
+                f"(last change {self._unconverged:.2g} eps, tol {self.tol:g}): values and gradients are inaccurate; "
+                "use a larger blur (e.g. 'auto') or raise max_iter", RuntimeWarning, stacklevel=4,
+            )
         return value, grad
 
     def constant(self, ctx):
