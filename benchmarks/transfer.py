@@ -102,6 +102,79 @@ def load(name, split, data, size=None):
     return (resize_images(x, size) if size is not None else x), y
 
 
+_DATA: dict = {}
+
+
+def _datasets(args):
+    """Source, target and test tensors, loaded once per process."""
+    key = (args.source, args.target, args.data)
+    if key not in _DATA:
+        sx, sy = load(args.source, "train", args.data)
+        size = tuple(sx.shape[-2:])
+        tx, ty = load(args.target, "train", args.data, size)
+        _DATA[key] = (sx, sy, tx, ty, load(args.target, "test", args.data, size))
+    return _DATA[key]
+
+
+def run_cell(args, k: int, f: int, threads: int | None = None) -> dict:
+    """One k-shot draw ``f``: flow once, then every variant x ``args.trainings`` seeds."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    first = 1 if args.network == "paper" else 5
+    sx_all, sy_all, tx_all, ty_all, test = _datasets(args)
+    same_labels = set(sy_all.unique().tolist()) == set(ty_all.unique().tolist())
+    sx, sy = per_class(sx_all, sy_all, args.per_class, seed=100 + f)
+    kx, ky = per_class(tx_all, ty_all, k, seed=f)
+    if not same_labels:  # source classes -> target classes by OT between the class distributions
+        mapping, _ = flowaug.assign_classes(flowaug.ClassStats().update(sx, sy), flowaug.ClassStats().update(kx, ky))
+        sy = mapping[sy]
+    reference = flowaug.Reference(kx, ky)
+    out = {"k": k, "flow": f, "runs": {v: [] for v in args.variants}, "flow_seconds": {v: [] for v in args.variants},
+           "grid": None}
+    flowed_x = flowed_y = None
+    seconds = 0.0
+    if {"target + flowed source", "target + raw + flowed source"} & set(args.variants):
+        t0 = time.perf_counter()
+        data = flowaug.FlowDataset(TensorDataset(sx, sy), reference, steps=args.steps, step_size=args.step_size,
+                                   labels="flow", class_map="same", snapshots=[0, args.steps // 2, args.steps],
+                                   progress=False, seed=f)
+        seconds = time.perf_counter() - t0
+        flowed_x = torch.stack([data[i][0] for i in range(len(data))])
+        flowed_y = torch.tensor([data[i][1] for i in range(len(data))])
+        if f == 0:
+            data.strength = 0.5
+            half = torch.stack([data[i][0] for i in range(len(data))])
+            cols = torch.cat([torch.nonzero(sy == c).flatten()[:1] for c in sy.unique().tolist()])
+            tcols = torch.cat([torch.nonzero(ky == c).flatten()[:1] for c in ky.unique().tolist()])
+            out["grid"] = [sx[cols], half[cols], flowed_x[cols], kx[tcols]]
+    for t in range(args.trainings):
+        seed = 1000 * f + t
+        cells = {
+            "target only": (kx, ky),
+            "target + raw source": (torch.cat([kx, sx]), torch.cat([ky, sy])),
+            "target + flowed source": None if flowed_x is None else (torch.cat([kx, flowed_x]), torch.cat([ky, flowed_y])),
+            "target + raw + flowed source": None if flowed_x is None else (
+                torch.cat([kx, sx, flowed_x]), torch.cat([ky, sy, flowed_y])),
+            "target + annealed FlowTransform": (torch.cat([kx, sx]), torch.cat([ky, sy])),
+        }
+        for variant in args.variants:
+            x, y = cells[variant]
+            callbacks = ()
+            if variant == "target + annealed FlowTransform":
+                transform = timed(flowaug.FlowTransform(reference, steps=max(1, args.steps // 2),
+                                                        step_size=2 * args.step_size, class_map="same", seed=seed))
+                callbacks = (flowaug.FlowAnnealing(transform, "linear", apply_to_batches=True, log=False),)
+            acc = train_and_test(x, y, test, seed=seed, epochs=args.epochs, first=first, callbacks=callbacks)
+            out["runs"][variant].append(acc)
+            if variant == "target + annealed FlowTransform":
+                out["flow_seconds"][variant].append(transform.seconds)
+            elif "flowed" in variant:
+                out["flow_seconds"][variant].append(seconds)
+            print(f"k={k} flow {f} training {t} {variant}: {acc:.2f}%", flush=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="mnist")
@@ -117,101 +190,61 @@ def main(argv=None):
                    help="paper: LeNet-5 with a 1x1 first convolution (their code); standard: 5x5")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--data", metavar="DIR", help="folder of NAME/{train,test}.npz; default: torchvision")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run (k, draw) cells in this many processes of one thread each (default: 1 process)")
     p.add_argument("--out", default="benchmarks/results/transfer.json")
     p.add_argument("--png", default=None, help="image grid (default: next to --out)")
     p.add_argument("--quick", action="store_true", help="one cell: k=10, 1 flow, 1 training, 5 epochs")
     args = p.parse_args(argv)
     if args.quick:
         args.k, args.flows, args.trainings, args.epochs = [10], 1, 1, 5
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_num_threads(os.cpu_count() or 1)
-    first = 1 if args.network == "paper" else 5
+    sx, _, tx, ty, test = _datasets(args)
+    print(f"{args.source} -> {args.target}: source {tuple(sx.shape)}, target {tuple(tx.shape)}, "
+          f"test {tuple(test[0].shape)}", flush=True)
 
-    sx_all, sy_all = load(args.source, "train", args.data)
-    size = tuple(sx_all.shape[-2:])
-    tx_all, ty_all = load(args.target, "train", args.data, size)
-    test = load(args.target, "test", args.data, size)
-    same_labels = set(sy_all.unique().tolist()) == set(ty_all.unique().tolist())
-    print(f"{args.source} -> {args.target}: source {tuple(sx_all.shape)}, target {tuple(tx_all.shape)}, "
-          f"test {tuple(test[0].shape)}, same label set: {same_labels}", flush=True)
-
-    records, grid = [], None
     t_start = time.time()
+    cells = sorted(((k, f) for k in args.k for f in range(args.flows)), key=lambda c: -c[0])  # big cells first
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(run_cell, [args] * len(cells), *zip(*cells), [1] * len(cells)))
+    else:
+        results = [run_cell(args, k, f) for k, f in cells]
+
+    records = []
     for k in args.k:
-        runs = {v: [] for v in args.variants}
-        flow_seconds = {v: [] for v in args.variants}
-        for f in range(args.flows):
-            sx, sy = per_class(sx_all, sy_all, args.per_class, seed=100 + f)
-            kx, ky = per_class(tx_all, ty_all, k, seed=f)
-            if not same_labels:  # source classes -> target classes by OT between the class distributions
-                mapping, _ = flowaug.assign_classes(flowaug.ClassStats().update(sx, sy), flowaug.ClassStats().update(kx, ky))
-                sy = mapping[sy]
-            reference = flowaug.Reference(kx, ky)
-            flowed_x = flowed_y = None
-            if {"target + flowed source", "target + raw + flowed source"} & set(args.variants):
-                t0 = time.perf_counter()
-                data = flowaug.FlowDataset(TensorDataset(sx, sy), reference, steps=args.steps, step_size=args.step_size,
-                                           labels="flow", class_map="same", snapshots=[0, args.steps // 2, args.steps],
-                                           progress=False, seed=f)
-                seconds = time.perf_counter() - t0
-                flowed_x = torch.stack([data[i][0] for i in range(len(data))])
-                flowed_y = torch.tensor([data[i][1] for i in range(len(data))])
-                if grid is None and k == args.k[min(len(args.k) - 1, 2)]:
-                    data.strength = 0.5
-                    half = torch.stack([data[i][0] for i in range(len(data))])
-                    cols = torch.cat([torch.nonzero(sy == c).flatten()[:1] for c in sy.unique().tolist()])
-                    tcols = torch.cat([torch.nonzero(ky == c).flatten()[:1] for c in ky.unique().tolist()])
-                    grid = ([sx[cols], half[cols], flowed_x[cols], kx[tcols]], k)
-            for t in range(args.trainings):
-                seed = 1000 * f + t
-                cells = {
-                    "target only": (kx, ky),
-                    "target + raw source": (torch.cat([kx, sx]), torch.cat([ky, sy])),
-                    "target + flowed source": None if flowed_x is None else (torch.cat([kx, flowed_x]), torch.cat([ky, flowed_y])),
-                    "target + raw + flowed source": None if flowed_x is None else (
-                        torch.cat([kx, sx, flowed_x]), torch.cat([ky, sy, flowed_y])),
-                    "target + annealed FlowTransform": (torch.cat([kx, sx]), torch.cat([ky, sy])),
-                }
-                for variant in args.variants:
-                    x, y = cells[variant]
-                    callbacks = ()
-                    if variant == "target + annealed FlowTransform":
-                        transform = timed(flowaug.FlowTransform(reference, steps=max(1, args.steps // 2),
-                                                                step_size=2 * args.step_size, class_map="same",
-                                                                seed=seed))
-                        callbacks = (flowaug.FlowAnnealing(transform, "linear", apply_to_batches=True, log=False),)
-                    acc = train_and_test(x, y, test, seed=seed, epochs=args.epochs, first=first, callbacks=callbacks)
-                    runs[variant].append(acc)
-                    if variant == "target + annealed FlowTransform":
-                        flow_seconds[variant].append(transform.seconds)
-                    elif "flowed" in variant:
-                        flow_seconds[variant].append(seconds)
-                    print(f"k={k} flow {f} training {t} {variant}: {acc:.2f}%  [{time.time() - t_start:.0f} s]", flush=True)
+        mine = sorted((r for r in results if r["k"] == k), key=lambda r: r["flow"])
         for variant in args.variants:
-            accs = runs[variant]
-            steps = 0 if "flow" not in variant.lower() else (args.steps if "FlowTransform" not in variant else max(1, args.steps // 2))
+            accs = [a for r in mine for a in r["runs"][variant]]
+            secs = [s for r in mine for s in r["flow_seconds"][variant]]
+            steps = 0
+            if variant == "target + annealed FlowTransform":
+                steps = max(1, args.steps // 2)
+            elif "flowed" in variant:
+                steps = args.steps
             records.append({
                 "variant": variant, "k": k, "mean": statistics.mean(accs),
                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "runs": accs, "flow_steps": steps,
-                "flow_seconds": statistics.mean(flow_seconds[variant]) if flow_seconds[variant] else 0.0,
+                "flow_seconds": statistics.mean(secs) if secs else 0.0,
             })
-        write_json(args.out, {"config": vars(args), "machine": machine(), "records": records,
-                              "seconds": time.time() - t_start})
-
     header = ["variant"] + [f"k={k}" for k in args.k]
     rows = []
     for variant in args.variants:
-        cells = {r["k"]: r for r in records if r["variant"] == variant}
-        rows.append([variant] + [f"{cells[k]['mean']:.1f} ± {cells[k]['std']:.1f}" for k in args.k])
+        cells_k = {r["k"]: r for r in records if r["variant"] == variant}
+        rows.append([variant] + [f"{cells_k[k]['mean']:.1f} ± {cells_k[k]['std']:.1f}" for k in args.k])
     if (args.source, args.target) == ("mnist", "usps") and args.network == "paper":
         for name, values in PUBLISHED.items():
             rows.append([name] + [f"{values[k]:.1f}" if k in values else "" for k in args.k])
     table = markdown_table(header, rows)
     print(table)
-    if grid is not None:
+    grids = sorted((r for r in results if r["grid"] is not None), key=lambda r: abs(r["k"] - 10))
+    if grids:
         png = args.png or os.path.splitext(args.out)[0] + ".png"
-        rows_img, k = grid
-        image_grid(rows_img, png, row_labels=["source", "half flow", "flowed", f"target ({k}-shot)"],
+        k = grids[0]["k"]
+        image_grid(grids[0]["grid"], png, row_labels=["source", "half flow", "flowed", f"target ({k}-shot)"],
                    title=f"{args.source} -> {args.target}, class-wise flow toward {k} target images per class")
         print(f"wrote {png}")
     write_json(args.out, {"config": vars(args), "machine": machine(), "records": records, "table": table,

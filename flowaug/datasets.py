@@ -259,6 +259,7 @@ class FlowDataset(torch.utils.data.Dataset):
                     if soft[last] is None:
                         soft[last] = torch.zeros(n, out.soft_labels.shape[1])
                     soft[last][idx] = out.soft_labels
+        self.chunks_flowed = done  # the chunks this process flowed (all of them unless sharded under DDP)
         if world > 1:
             self._gather(chunks, done, snaps, snap_labels, soft)
         return {"x": snaps, "y": snap_labels, "soft": soft.get(self.snapshot_steps[-1]), "dtype": str(x.dtype)}

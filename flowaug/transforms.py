@@ -84,7 +84,8 @@ class FlowTransform(Transform):
         labels_getter: how to find labels in the batch: ``"default"`` (torchvision's heuristic), a
             callable, or None (unlabeled batches).
         source_stats: class statistics of the source dataset; else call :meth:`fit`, else they are
-            estimated online from the batches seen so far (in each process).
+            estimated online from the batches seen so far (in each process). Online estimates depend on
+            the batches seen: fit them for exactly reproducible or resumable runs.
         warm_start: reuse the solver's reference-side potentials from the previous batch.
 
     Example:

@@ -117,3 +117,29 @@ class TestFlowAnnealing:
         trainer(tmp_path, 2, [cb]).fit(module, loader(TensorPairs(x, y), collate_fn=FlowCollate(t)))
         assert all(torch.equal(b, x[4 * i : 4 * i + 4]) for i, b in enumerate(module.batches[0]))
         assert not any(torch.equal(b, x[4 * i : 4 * i + 4]) for i, b in enumerate(module.batches[1]))
+
+
+class TestExactResume:
+    def test_resumed_run_flows_the_same_batches(self, tmp_path):
+        """Randomised flows (p < 1, reference samples) in persistent workers: epochs 2-3 of a run resumed
+        after epoch 1 see exactly the batches of an uninterrupted run."""
+        x, y = tiny_images(32)
+
+        def run(root, stop=None, resume=None):
+            t = transform(p=0.6, reference_size=12).fit((x, y))  # online statistics would depend on history
+            cbs = [FlowAnnealing(t, "linear", log=False), ModelCheckpoint(dirpath=root, save_last=True)]
+            if stop is not None:
+                cbs.append(StopAfter(stop))
+            module = Recorder(dim=36)
+            trainer(root, 4, cbs).fit(module, loader(TensorPairs(x, y), collate_fn=FlowCollate(t)), ckpt_path=resume)
+            return module.batches
+
+        full = run(tmp_path / "full")
+        first = run(tmp_path / "cut", stop=1)
+        second = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "last.ckpt"))
+        assert set(first) == {0, 1} and set(second) == {2, 3}
+        for epoch, batches in {**first, **second}.items():
+            assert len(batches) == len(full[epoch]) == 8
+            assert all(torch.equal(a, b) for a, b in zip(batches, full[epoch])), epoch
+        changed = [not torch.equal(b, x[4 * i : 4 * i + 4]) for i, b in enumerate(full[3])]
+        assert 0 < sum(changed) < 8  # p = 0.6: some batches flowed, some not
