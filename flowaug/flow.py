@@ -267,7 +267,10 @@ def flow(
         if y is None or ref is None or ref.labels is None:
             raise ValueError("class_map needs source labels y and a labeled reference")
         mapping = _class_mapping(class_map, x, y, ref, source_stats)
-        if not obj.class_mask:  # e.g. sliced or energy distance: one flow per class
+        # One masked problem costs N x M per step, a loop over classes about N x M / K plus K calls' overhead:
+        # the masked problem wins on small batches (a FlowTransform batch), the loop on large chunks.
+        masked_cost = n * (ref.num_samples if reference_index is None else len(reference_index))
+        if not obj.class_mask or masked_cost > CLASS_LOOP_ABOVE:  # sliced, energy, or large: per class
             return _classwise(
                 x, y, ref, mapping, labels=labels, reference_index=reference_index,
                 warm={} if warm is None else warm, progress=progress,
@@ -451,6 +454,9 @@ def _class_mapping(class_map, x, y, ref, source_stats) -> torch.Tensor:
         raise ValueError(f"class_map must map {k_src} source classes, got {mapping.numel()} entries")
     return mapping
 
+
+#: above this many point pairs, class-wise flows loop over classes instead of one masked problem
+CLASS_LOOP_ABOVE = 2**21
 
 #: the class-mask penalty, in units of the reference's squared median distance: cross-class costs are
 #: then >= 1e4 times typical costs, so their kernel/plan entries are exactly 0 after the -80 clamp

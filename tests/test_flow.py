@@ -345,3 +345,20 @@ class TestClasswise:
         loop = flowaug.flow(x, y, (self.rx, self.ry), **kwargs)
         assert torch.allclose(joint.x, loop.x, atol=1e-4)
         assert torch.allclose(joint.objective, loop.objective, rtol=1e-3, atol=1e-6)
+
+    def test_large_problems_loop_over_classes_with_the_same_result(self, monkeypatch):
+        """Above ``CLASS_LOOP_ABOVE`` point pairs the engine loops over classes (cheaper than one masked N x M
+        problem); the switch must not change the result."""
+        import importlib
+
+        engine = importlib.import_module("flowaug.flow")
+        kwargs = dict(class_map="same", steps=3, step_size=0.5, objective=MMD("gaussian"))
+        joint = flowaug.flow(self.x, self.y, (self.rx, self.ry), **kwargs)
+        calls = []
+        inner = engine._classwise
+        monkeypatch.setattr(engine, "_classwise", lambda *a, **k: calls.append(1) or inner(*a, **k))
+        assert flowaug.flow(self.x, self.y, (self.rx, self.ry), **kwargs) is not None and not calls
+        monkeypatch.setattr(engine, "CLASS_LOOP_ABOVE", 0)
+        loop = flowaug.flow(self.x, self.y, (self.rx, self.ry), **kwargs)
+        assert calls, "the per-class loop was not taken"
+        assert torch.allclose(joint.x, loop.x, atol=1e-4)
