@@ -222,6 +222,7 @@ def main(argv=None):
           f"test {tuple(test[0].shape)}", flush=True)
 
     t_start = time.time()
+    info = machine()  # at the start: the commit that ran, not the one checked out when it ends
     cells = sorted(((k, f) for k in args.k for f in range(args.flows)), key=lambda c: -c[0])  # big cells first
     if args.jobs > 1:
         import multiprocessing as mp
@@ -267,7 +268,7 @@ def main(argv=None):
         image_grid(grids[0]["grid"], png, row_labels=["source", "half flow", "flowed", f"target ({k}-shot)"],
                    title=f"{args.source} -> {args.target}, class-wise flow toward {k} target images per class")
         print(f"wrote {png}")
-    write_json(args.out, {"config": vars(args), "machine": machine(), "records": records, "table": table,
+    write_json(args.out, {"config": vars(args), "machine": info, "records": records, "table": table,
                           "seconds": time.time() - t_start})
     print(f"wrote {args.out} ({time.time() - t_start:.0f} s)")
 
