@@ -455,7 +455,9 @@ def _class_mapping(class_map, x, y, ref, source_stats) -> torch.Tensor:
     return mapping
 
 
-#: above this many point pairs, class-wise flows loop over classes instead of one masked problem
+#: above this many point pairs, class-wise flows loop over classes instead of one masked problem (2**21: an
+#: N x M float32 buffer of 8 MB, where the masked problem's K-fold extra work starts to outweigh K calls'
+#: overhead; reasoned, not yet measured -- a crossover benchmark should set it)
 CLASS_LOOP_ABOVE = 2**21
 
 #: the class-mask penalty, in units of the reference's squared median distance: cross-class costs are
