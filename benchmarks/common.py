@@ -8,12 +8,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a clone without installing
+
+from flowaug._io import atomic_path  # noqa: E402
 
 
 def machine() -> dict:
@@ -56,12 +57,8 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, list[floa
 
 
 def write_json(path: str, payload) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
         json.dump(payload, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

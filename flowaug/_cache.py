@@ -13,9 +13,10 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 
 import torch
+
+from ._io import atomic_path
 
 __all__ = ["read_cache", "write_cache"]
 
@@ -29,21 +30,12 @@ def write_cache(path: str, key: str, payload: dict) -> None:
     data = buf.getvalue()
     header = json.dumps({"format": FORMAT, "key": key, "size": len(data),
                          "blake2b": hashlib.blake2b(data, digest_size=32).hexdigest()}).encode() + b"\n"
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".flowaug")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC)
-            handle.write(header)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".flowaug") as tmp, open(tmp, "wb") as handle:
+        handle.write(MAGIC)
+        handle.write(header)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_cache(path: str, key: str) -> tuple[dict | None, str]:

@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
+
+from ._io import atomic_path
 
 __all__ = ["main"]
 
@@ -93,10 +94,8 @@ def cmd_flow(args) -> int:
                snapshots=5, progress=True, generator=torch.Generator().manual_seed(args.seed))
     os.makedirs(args.out, exist_ok=True)
     x8 = (out.x * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".npz")
-    os.close(fd)
-    np.savez_compressed(tmp, x=x8, y=out.labels.long().numpy())
-    os.replace(tmp, os.path.join(args.out, "flowed.npz"))
+    with atomic_path(os.path.join(args.out, "flowed.npz")) as tmp:
+        np.savez_compressed(tmp, x=x8, y=out.labels.long().numpy())
     rows = out.trajectory + [rx]
     labels = [f"t = {t:g}" for t in out.trajectory_times] + ["reference"]
     image_grid(rows, os.path.join(args.out, "flow.png"), row_labels=labels, title=f"{args.source} -> {args.reference}")

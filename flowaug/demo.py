@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._io import atomic_path
 from .data import find_data_dir, load_dataset, resize_images
 from .flow import flow
 from .objectives import Sinkhorn
@@ -175,9 +176,8 @@ def run_demo(data_dir: str | None = None, out_dir: str = "flowaug_outputs/demo",
         "accuracy_curve": {k: v["accuracy"] for k, v in runs.items()},
         "objective": {k: v["objective"] for k, v in runs.items()}, "seconds": time.time() - t0, "files": files,
     }
-    with open(os.path.join(out_dir, "report.json.tmp"), "w") as handle:
+    with atomic_path(os.path.join(out_dir, "report.json")) as tmp, open(tmp, "w") as handle:
         json.dump(report, handle, indent=1)
-    os.replace(os.path.join(out_dir, "report.json.tmp"), os.path.join(out_dir, "report.json"))
     lines = [
         f"# flowaug demo: {setup['name']}", "",
         f"A classifier trained on {setup['source']} is frozen; {setup['target']} is flowed toward its "
@@ -186,7 +186,6 @@ def run_demo(data_dir: str | None = None, out_dir: str = "flowaug_outputs/demo",
     ] + [f"| {k} | {100 * report['accuracy_before']:.1f}% | {100 * v:.1f}% |" for k, v in report["accuracy_after"].items()]
     lines += ["", f"Pictures: {', '.join(os.path.basename(f) for f in files.values())}. "
               f"Took {report['seconds']:.0f} s."]
-    with open(os.path.join(out_dir, "report.md.tmp"), "w") as handle:
+    with atomic_path(os.path.join(out_dir, "report.md")) as tmp, open(tmp, "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(out_dir, "report.md.tmp"), os.path.join(out_dir, "report.md"))
     return report

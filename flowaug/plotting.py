@@ -8,10 +8,11 @@ returns the path.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Sequence
 
 import torch
+
+from ._io import atomic_path
 
 __all__ = ["animate_2d", "image_grid", "objective_curve", "save_atomic"]
 
@@ -27,17 +28,8 @@ def _plt():
 
 def save_atomic(fig, path: str, **kwargs) -> str:
     """``fig.savefig`` to a temporary file in the target folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=os.path.splitext(path)[1] or ".png") as tmp:
         fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -127,15 +119,9 @@ def animate_2d(trajectory: Sequence[torch.Tensor], path: str, *, reference: torc
         return scat, title
 
     anim = animation.FuncAnimation(fig, update, frames=len(frames), blit=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".gif")
-    os.close(fd)
     try:
-        anim.save(tmp, writer=animation.PillowWriter(fps=fps))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".gif") as tmp:
+            anim.save(tmp, writer=animation.PillowWriter(fps=fps))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         plt.close(fig)
     return path
