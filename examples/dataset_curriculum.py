@@ -9,19 +9,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 import flowaug
+from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 
 
-def domain(n, shift, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = 0.1 * torch.rand(n, 1, 12, 12, generator=g)
-    for k in range(4):
-        x[y == k, :, 2 + 2 * k + shift : 3 + 2 * k + 2 * shift, 2:10] += 0.8
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y  # uint8 images, like torchvision datasets
+def as_uint8(x, y):
+    return (x * 255).round().to(torch.uint8), y  # uint8 images, like torchvision datasets
 
 
-source = TensorDataset(*domain(2000, 0, seed=0))
-target = domain(40, 1, seed=1)
+source = TensorDataset(*as_uint8(*domain(2000, 0, seed=0)))
+target = as_uint8(*domain(40, 1, seed=1))
 cache = tempfile.mkdtemp(prefix="flowaug-example-")
 
 data = flowaug.FlowDataset(source, target, steps=12, step_size=0.5, class_map="same", snapshots=4, cache_dir=cache)

@@ -11,17 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from torchvision.transforms import v2
 
 import flowaug
-
-
-def domain(n, shift, seed):
-    """Images (N, 1, 12, 12) in [0, 1] whose class sets a bar's row; ``shift`` moves and thickens the bar."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = 0.1 * torch.rand(n, 1, 12, 12, generator=g)
-    for k in range(4):
-        rows = slice(2 + 2 * k + shift, 3 + 2 * k + 2 * shift)
-        x[y == k, :, rows, 2:10] += 0.8
-    return x.clamp(0, 1), y
+from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 
 
 source = TensorDataset(*domain(512, 0, seed=0))
