@@ -61,3 +61,8 @@ def __getattr__(name):
 
         return FlowAnnealing
     raise AttributeError(f"module 'flowaug' has no attribute {name!r}")
+
+
+def __dir__():
+    # The lazy names (FlowAnnealing) are in __all__ but not in globals() until first use: list both.
+    return sorted(set(globals()) | set(__all__))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,53 +17,114 @@ __all__ = ["main"]
 
 DATA_HELP = ("folder of datasets as NAME/{train,test}.npz (x uint8 NxHxW, y int64); default $FLOWAUG_DATA, "
              "then ../shared/data; without one, torchvision downloads where the network allows")
+SPLIT_HELP = ("split of both datasets; train by default for every command, because the flowed data and the "
+              "distance are about the data you train on: keep test for evaluating the result")
+THREADS_HELP = ("torch CPU threads, set before any work and printed; auto: $OMP_NUM_THREADS when set, else all "
+                "usable cores but one (at least 1), since one busy core can stall every parallel step "
+                "(README: Small machines)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is none (``None``: the help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _threads_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _set_threads(choice: int | str, command: str) -> int:
+    """Apply ``--threads`` before any work and say what was chosen (on stderr: stdout stays the result)."""
+    cores = _usable_cores()
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if choice != "auto":
+        threads, why = int(choice), "--threads"
+    elif env.isdigit() and int(env) >= 1:
+        threads, why = int(env), "$OMP_NUM_THREADS"
+    else:
+        threads, why = max(1, cores - 1), f"auto: {cores} usable core{'s' if cores != 1 else ''}, one left free"
+    torch.set_num_threads(threads)
+    note = "; more threads than cores run slower" if threads > cores else ""
+    print(f"flowaug {command}: {threads} torch thread{'s' if threads != 1 else ''} ({why}{note})",
+          file=sys.stderr, flush=True)
+    return threads
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     p = argparse.ArgumentParser(
         prog="flowaug",
         description="Move a dataset toward a reference dataset along Wasserstein gradient flows (OTDD flows).",
         epilog="Run 'flowaug COMMAND --help' for the options of a command.",
+        formatter_class=_HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"flowaug {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", metavar="DIR", help=DATA_HELP)
+    common.add_argument("--threads", metavar="N", type=_threads_arg, default="auto", help=THREADS_HELP)
 
-    d = sub.add_parser("demo", help="flow a real dataset toward a reference and report what improved (offline OK)",
-                       description="Re-purpose a frozen classifier: flow a shifted dataset back toward the "
-                                   "classifier's training data; writes pictures and a report.")
-    d.add_argument("--data", metavar="DIR", help=DATA_HELP)
-    d.add_argument("--out", metavar="DIR", default="flowaug_outputs/demo", help="output folder (default: %(default)s)")
-    d.add_argument("--steps", type=int, default=20, help="flow steps (default: %(default)s)")
-    d.add_argument("--step-size", type=float, default=0.5, help="step size tau (default: %(default)s)")
+    def command(name, **kwargs):
+        return sub.add_parser(name, parents=[common], formatter_class=_HelpFormatter, **kwargs)
 
-    f = sub.add_parser("flow", help="flow a dataset toward a reference; write the flowed dataset (npz) and a picture",
-                       description="Flow SOURCE toward REFERENCE and write OUT/flowed.npz (x uint8, y int64) and "
-                                   "OUT/flow.png. Datasets are names of npz folders under --data or torchvision "
-                                   "names (mnist, usps, fashionmnist, kmnist).")
+    d = command("demo", help="flow a real dataset toward a reference and report what improved (offline OK)",
+                description="Re-purpose a frozen classifier: flow a shifted dataset back toward the "
+                            "classifier's training data; writes pictures and a report.")
+    d.add_argument("--out", metavar="DIR", default="flowaug_outputs/demo", help="output folder")
+    d.add_argument("--steps", type=int, default=20, help="flow steps")
+    d.add_argument("--step-size", type=float, default=0.5, help="step size tau")
+
+    f = command("flow", help="flow a dataset toward a reference; write the flowed dataset (npz) and a picture",
+                description="Flow SOURCE toward REFERENCE and write OUT/flowed.npz (x uint8, y int64) and "
+                            "OUT/flow.png. Datasets are names of npz folders under --data or torchvision "
+                            "names (mnist, usps, fashionmnist, kmnist).")
     f.add_argument("source", help="dataset to move, e.g. mnist")
     f.add_argument("reference", help="dataset to move toward, e.g. usps")
-    f.add_argument("--data", metavar="DIR", help=DATA_HELP)
-    f.add_argument("--split", default="train", choices=["train", "test"], help="split of both datasets (default: train)")
-    f.add_argument("--limit", type=int, default=2000, help="use at most this many samples of each (default: %(default)s)")
-    f.add_argument("--steps", type=int, default=10, help="Euler steps (default: %(default)s)")
-    f.add_argument("--step-size", type=float, default=0.5, help="step size tau (default: %(default)s)")
-    f.add_argument("--objective", default="sinkhorn", choices=["sinkhorn", "mmd", "energy", "laplacian", "sliced"])
+    f.add_argument("--split", default="train", choices=["train", "test"], help=SPLIT_HELP)
+    f.add_argument("--limit", type=int, default=2000, help="use at most this many samples of each")
+    f.add_argument("--steps", type=int, default=10, help="Euler steps")
+    f.add_argument("--step-size", type=float, default=0.5, help="step size tau")
+    f.add_argument("--objective", default="sinkhorn", choices=["sinkhorn", "mmd", "energy", "laplacian", "sliced"],
+                   help="functional whose Wasserstein gradient flow is followed")
     f.add_argument("--labels", default="fixed", choices=["fixed", "flow"], help="keep labels or flow them too")
     f.add_argument("--class-map", default=None, choices=["same", "ot"],
-                   help="flow each class toward one reference class: 'same' label set, or paired by OT")
-    f.add_argument("--backend", default="auto", choices=["auto", "tensorized", "keops"])
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", metavar="DIR", default="flowaug_outputs/flow", help="output folder (default: %(default)s)")
+                   help="flow each class toward one reference class: 'same' label set, or paired by OT "
+                        "(default: one joint flow)")
+    f.add_argument("--backend", default="auto", choices=["auto", "tensorized", "keops"],
+                   help="dense torch or KeOps; auto uses the measured crossover")
+    f.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the flow's randomness")
+    f.add_argument("--out", metavar="DIR", default="flowaug_outputs/flow", help="output folder")
 
-    t = sub.add_parser("distance", help="OTDD between two labeled datasets",
-                       description="Optimal transport dataset distance (debiased Sinkhorn divergence in the "
-                                   "label-aware space; geomloss's halved squared cost).")
+    t = command("distance", help="OTDD between two labeled datasets",
+                description="Optimal transport dataset distance (debiased Sinkhorn divergence in the "
+                            "label-aware space; geomloss's halved squared cost).")
     t.add_argument("a", help="first dataset, e.g. mnist")
     t.add_argument("b", help="second dataset, e.g. usps")
-    t.add_argument("--data", metavar="DIR", help=DATA_HELP)
-    t.add_argument("--split", default="test", choices=["train", "test"])
-    t.add_argument("--max-samples", type=int, default=2000, help="subsample each dataset (default: %(default)s)")
+    t.add_argument("--split", default="train", choices=["train", "test"], help=SPLIT_HELP)
+    t.add_argument("--max-samples", type=int, default=2000, help="subsample each dataset")
     t.add_argument("--label-weight", type=float, default=1.0, help="lambda on the label term (0: features only)")
-    t.add_argument("--covariance", default="diag", choices=["diag", "full"])
+    t.add_argument("--covariance", default="diag", choices=["diag", "full"],
+                   help="class Gaussians with diagonal or full covariances (Bures term)")
     return p
 
 
@@ -110,7 +172,9 @@ def cmd_distance(args) -> int:
     a, ya = _images(args.a, args.split, args.data, None, 0)
     b, yb = _images(args.b, args.split, args.data, None, 1)
     b = _match_size(b, a)
-    value = otdd(a, ya, b, yb, label_weight=args.label_weight, covariance=args.covariance, max_samples=args.max_samples)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone (pykeops prints a CUDA notice there)
+        value = otdd(a, ya, b, yb, label_weight=args.label_weight, covariance=args.covariance,
+                     max_samples=args.max_samples)
     print(json.dumps({"a": args.a, "b": args.b, "otdd": value, "distance": (2 * max(value, 0)) ** 0.5}))
     return 0
 
@@ -134,6 +198,7 @@ def main(argv=None) -> int:
             _parser().error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if getattr(args, "step_size", 1.0) <= 0:
         _parser().error(f"--step-size must be > 0, got {args.step_size}")
+    _set_threads(args.threads, args.command)
     try:
         return {"demo": cmd_demo, "flow": cmd_flow, "distance": cmd_distance}[args.command](args)
     except (FileNotFoundError, ValueError, TypeError) as err:

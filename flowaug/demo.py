@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -61,12 +62,20 @@ class MLP(nn.Module):
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 3e-4,
-                     batch_size: int = 64, seed: int = 0, weight_decay: float = 0.01) -> nn.Module:
-    """AdamW, shuffled mini-batches; returns the model in eval mode."""
+                     batch_size: int = 64, seed: int = 0, weight_decay: float = 0.01,
+                     progress: bool = False) -> nn.Module:
+    """AdamW, shuffled mini-batches; returns the model in eval mode. ``progress``: a bar over epochs (with the
+    last batch's loss), updated from the first batch on."""
+    from tqdm.auto import tqdm
+
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must be non-empty and of the same length, got {len(x)} inputs and {len(y)} labels")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
-    for _ in range(epochs):
+    bar = tqdm(total=epochs * ((len(x) + batch_size - 1) // batch_size), desc="training classifier", unit="batch",
+               disable=not progress, leave=False)
+    for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             b = perm[i : i + batch_size]
@@ -74,6 +83,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
             opt.zero_grad()
             loss.backward()
             opt.step()
+            bar.update()
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}")
+    bar.close()
     return model.eval()
 
 
@@ -109,9 +121,16 @@ def _columns(y: torch.Tensor, n: int = 12) -> torch.Tensor:
     return torch.stack(order[:n])
 
 
-def _load(data_dir):
+def _say(progress: bool, message: str) -> None:
+    """What the demo is doing, on stderr (the bars' stream), when ``progress``."""
+    if progress:
+        print(f"flowaug demo: {message}", file=sys.stderr, flush=True)
+
+
+def _load(data_dir, progress=False):
     """MNIST/USPS when available, else scikit-learn digits with a synthetic shift."""
     root = find_data_dir(data_dir)
+    _say(progress, f"loading MNIST and USPS ({'from ' + root if root else 'torchvision, downloading if needed'})")
     try:
         mx, my = load_dataset("mnist", "train", data_dir=root)
         ux, uy = load_dataset("usps", "test", data_dir=root)
@@ -121,6 +140,7 @@ def _load(data_dir):
         return {"name": "MNIST -> USPS", "train": (sx, sy), "shifted": (ux, uy), "model": lambda: LeNet5(first=1),
                 "epochs": 20, "source": "MNIST (5,000 train digits)", "target": "USPS test (2,007, resized to 28x28)"}
     except (FileNotFoundError, OSError):
+        _say(progress, "MNIST/USPS not found: using scikit-learn's digits with a synthetic shift")
         x, y = load_dataset("sklearn_digits", "test", data_dir=root)
         x = x.float() / 255
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
@@ -135,9 +155,11 @@ def run_demo(data_dir: str | None = None, out_dir: str = "flowaug_outputs/demo",
     """Run the demo; returns the report (also written to ``out_dir/report.json`` and ``report.md``)."""
     t0 = time.time()
     torch.manual_seed(0)
-    setup = _load(data_dir)
+    setup = _load(data_dir, progress)
     (tx, ty), (ux, uy) = setup["train"], setup["shifted"]
-    model = train_classifier(setup["model"](), tx, ty, epochs=setup["epochs"])
+    _say(progress, f"{setup['name']}: training the classifier to freeze on {setup['source']} "
+                   f"({setup['epochs']} epochs)")
+    model = train_classifier(setup["model"](), tx, ty, epochs=setup["epochs"], progress=progress)
     for p in model.parameters():
         p.requires_grad_(False)
     snaps = sorted({0, steps // 4, steps // 2, steps})
@@ -147,11 +169,13 @@ def run_demo(data_dir: str | None = None, out_dir: str = "flowaug_outputs/demo",
         "unlabeled flow": dict(y=None),
         "class-wise flow (labels used)": dict(y=uy, class_map="same"),
     }.items():
+        _say(progress, f"{name}: {setup['target']} toward the classifier's training data ({steps} steps)")
         out = flow(ux, reference=(tx, ty), objective=objective, steps=steps, step_size=step_size, clamp=(0.0, 1.0),
                    snapshots="all", progress=progress, **kwargs)
         accs = [accuracy(model, s, uy) for s in out.trajectory]
         runs[name] = {"times": out.trajectory_times, "accuracy": accs, "objective": out.objective.tolist(),
                       "trajectory": [out.trajectory[s] for s in snaps]}
+    _say(progress, f"writing pictures and the report to {out_dir}/")
     os.makedirs(out_dir, exist_ok=True)
     best = runs["class-wise flow (labels used)"]
     pick, ref_pick = _columns(uy), _columns(ty)
