@@ -61,7 +61,8 @@ def _set_threads(choice: int | str, command: str) -> int:
     elif env.isdigit() and int(env) >= 1:
         threads, why = int(env), "$OMP_NUM_THREADS"
     else:
-        threads, why = max(1, cores - 1), f"auto: {cores} usable core{'s' if cores != 1 else ''}, one left free"
+        threads = max(1, cores - 1)
+        why = "auto: 1 usable core" if cores == 1 else f"auto: {cores} usable cores, one left free"
     torch.set_num_threads(threads)
     note = "; more threads than cores run slower" if threads > cores else ""
     print(f"flowaug {command}: {threads} torch thread{'s' if threads != 1 else ''} ({why}{note})",

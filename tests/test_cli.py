@@ -127,7 +127,7 @@ class TestMain:
     @pytest.mark.parametrize("cores, env, expected, why", [
         ({0, 1}, None, 1, "auto: 2 usable cores, one left free"),
         ({0, 1, 2, 3}, None, 3, "auto: 4 usable cores, one left free"),
-        ({0}, None, 1, "auto: 1 usable core, one left free"),
+        ({0}, None, 1, "auto: 1 usable core"),
         ({0, 1, 2, 3}, "2", 2, "$OMP_NUM_THREADS"),
     ])
     def test_threads_auto(self, data, threads, capsys, monkeypatch, cores, env, expected, why):
