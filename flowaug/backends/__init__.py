@@ -1,13 +1,17 @@
-"""Backend choice: dense torch (``"tensorized"``) or KeOps (``"keops"``), one place decides.
+"""Backend choice: dense torch (``"tensorized"``), chunked dense (``"chunked"``) or KeOps (``"keops"``), one
+place decides.
 
 ``backend="auto"`` follows the crossover measured by ``benchmarks/speed.py`` (tables in
-``benchmarks/README.md``). On this project's 2-core CPU the dense backend was faster in every case that fit
-in memory: one MMD step at 256 x 1024, d = 784 took 14 ms dense and 557 ms with KeOps; N = M = 4096 at
-d = 64, 1.3 s against 5.5 s; N = M = 16384 at d = 64, 18 s against 80 s. The CPU crossover is therefore
-memory: KeOps is chosen only when the dense buffers (``dense_bytes``) would not fit; it flowed 65536 x 65536
-points at d = 64 in 133 MB above the process baseline, where dense would need 64 GiB. On CUDA no crossover
-has been measured by this project (no GPU was available); ``auto`` follows geomloss's own rule (dense up to
-5000^2 point pairs, KeOps above) and memory.
+``benchmarks/README.md``). On this project's 2-core CPU the dense backend was faster than KeOps in every case that
+fit in memory: one MMD step at 256 x 1024, d = 784 took 14 ms dense and 557 ms with KeOps; N = M = 4096 at
+d = 64, 1.3 s against 5.5 s; N = M = 16384 at d = 64, 18 s against 80 s. Where dense does not fit, the chunked
+backend (dense arithmetic in row blocks, memory bounded by a block budget) replaces KeOps on the CPU: one MMD
+step at N = M = 65,536, d = 64 took 106 s with chunked (one thread on a shared machine, 148 MB above the
+process baseline) against 1,171 s with KeOps (133 MB); dense would need 64 GiB. Where dense fits it stays the
+CPU choice: it computes the cost once per step while chunked recomputes it at every Sinkhorn half-iteration
+(see the side-by-side table in ``benchmarks/README.md``). On CUDA no crossover has been measured by this project
+(no GPU was available); ``auto`` follows geomloss's rule (dense up to 5000^2 point pairs, KeOps above) and
+memory, and uses chunked where KeOps is unavailable and dense does not fit.
 
 A KeOps failure (pykeops missing, no compiler, unwritable build folder) turns KeOps off for the process
 with one warning; the flow then continues on the dense backend.
@@ -20,24 +24,28 @@ import warnings
 
 import torch
 
+from .chunked import ChunkedPair, chunk_bytes, chunk_rows
 from .dense import DensePair, Workspace
 from .keops import KeOpsPair
 
 __all__ = [
     "BACKENDS",
+    "ChunkedPair",
     "DenseMemoryError",
     "DensePair",
     "KeOpsPair",
     "Workspace",
     "available_memory",
+    "chunk_bytes",
+    "chunk_rows",
     "dense_bytes",
     "disable_keops",
     "keops_available",
     "select",
 ]
 
-BACKENDS = ("auto", "keops", "tensorized")
-PAIR = {"tensorized": DensePair, "keops": KeOpsPair}
+BACKENDS = ("auto", "chunked", "keops", "tensorized")
+PAIR = {"tensorized": DensePair, "chunked": ChunkedPair, "keops": KeOpsPair}
 CUDA_DENSE_PAIRS = 5000**2  # geomloss's tensorized/online switch (unmeasured here: no GPU)
 MEMORY_FRACTION = 0.7  # share of the available memory the dense buffers may take
 
@@ -45,7 +53,8 @@ _keops_state: dict = {"ok": None, "reason": None}
 
 
 class DenseMemoryError(MemoryError):
-    """The dense backend would not fit in memory; the message names the fix (``backend="keops"``)."""
+    """The dense backend would not fit in memory; the message names the fixes (``backend="chunked"`` or
+    ``"keops"``)."""
 
 
 def disable_keops(reason: str) -> None:
@@ -53,7 +62,7 @@ def disable_keops(reason: str) -> None:
     if _keops_state["ok"] is not False:
         warnings.warn(
             f"KeOps is unavailable ({reason}); flowaug falls back to the dense backend "
-            "(backend='tensorized') for the rest of this process",
+            "(backend='tensorized', or 'chunked' where the dense buffers do not fit) for the rest of this process",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -99,26 +108,35 @@ def dense_bytes(n: int, m: int, itemsize: int = 4) -> int:
 
 
 def select(name: str, device: torch.device, n: int, m: int, dim: int, itemsize: int = 4) -> str:
-    """Resolve ``"auto"`` and check feasibility; returns ``"tensorized"`` or ``"keops"``."""
+    """Resolve ``"auto"`` and check feasibility; returns ``"tensorized"``, ``"chunked"`` or ``"keops"``.
+
+    ``"auto"``: on CPU dense when its buffers fit, else chunked (faster than KeOps on CPU); on CUDA KeOps
+    above ``CUDA_DENSE_PAIRS`` pairs or when dense does not fit, and chunked where KeOps is unavailable and
+    dense does not fit. An explicit ``"keops"`` that cannot run falls back the same way (dense if it fits,
+    else chunked). An explicit ``"tensorized"`` that does not fit raises :class:`DenseMemoryError`.
+    """
     need = dense_bytes(n, max(m, n), itemsize)
     budget = int(available_memory(device) * MEMORY_FRACTION)
     fits = need <= budget
+    if name == "chunked":
+        return name
     if name == "auto":
         if device.type == "cuda":
             want_keops = (not fits) or n * m > CUDA_DENSE_PAIRS
         else:
-            want_keops = not fits
+            want_keops = False  # KeOps was slower than chunked on this project's CPU (module docstring)
         if want_keops and keops_available():
             return "keops"
-        name = "tensorized"
+        return "tensorized" if fits else "chunked"
     if name == "keops":
         if keops_available():
             return "keops"
-        name = "tensorized"
+        return "tensorized" if fits else "chunked"
     if not fits:
         raise DenseMemoryError(
             f"the dense backend needs {need / 2**30:.1f} GiB for {n} x {m} points "
-            f"but {budget / 2**30:.1f} GiB are available on {device}; use backend='keops' "
-            "(memory linear in N + M; needs pykeops and a C++ compiler) or flow smaller batches"
+            f"but {budget / 2**30:.1f} GiB are available on {device}; use backend='chunked' (the same dense "
+            "arithmetic in row blocks, memory bounded by FLOWAUG_CHUNK_BYTES) or backend='auto', or "
+            "backend='keops' (memory linear in N + M; needs pykeops and a C++ compiler), or flow smaller batches"
         )
     return name
