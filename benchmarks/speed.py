@@ -18,9 +18,15 @@ Sections (``--sections``; all by default):
   memory    peak resident memory of one flow step for N = M in {1k, 4k, 16k, 64k}, d in {64, 784}, per
             backend, each in its own process; the dense backend must refuse what would not fit.
   precompute  FlowDataset precompute of 60,000 MNIST images toward 7,291 USPS images, 20 steps.
+  chunked   one cold MMD and Sinkhorn step (defaults) on random data, d = 64, dense vs chunked vs KeOps side by
+            side (N = M = 4096 on CPU; 4096, 16384, 65536 on CUDA), and the chunked backend where dense does not
+            fit (N = M = 65,536; one chunked softmin at 60,000 x 60,000, d = 803), each cell in its own process
+            with its peak memory; resumable (finished cells are skipped). --device cuda runs it on a GPU.
 
     python benchmarks/speed.py --data ../shared/data --out benchmarks/results/speed.json
     python benchmarks/speed.py --quick --data ../shared/data        # a small grid, a few minutes
+    python benchmarks/speed.py --device cuda --quick --out benchmarks/results/speed_cuda.json   # GPU, < 10 min
+    python benchmarks/speed.py --device cpu --quick --out /tmp/speed_quick.json  # the same cells, small, on CPU
 
 All timings are medians over >= 5 runs after warm-up, in one process, with torch.get_num_threads() recorded.
 """
@@ -48,6 +54,7 @@ from flowaug.objectives import Context  # noqa: E402
 BLUR = 0.5  # the issue's setting for the naive baseline; a sharp blur at MNIST's scale (median distance ~10)
 TAU = 0.5
 SCALINGS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999]  # geomloss's default is 0.5
+SECTIONS = ("step", "defaults", "overhead", "memory", "precompute", "chunked")
 SLOW = 10.0  # seconds: a baseline slower than this per step is reported as a lower bound (one run), not repeated
 
 
@@ -433,6 +440,133 @@ def section_precompute(args, results):
     return res
 
 
+# ------------------------------------------------------------------------------------------ section: chunked
+CHUNKED_PROBE = """
+import json, resource, statistics, sys, time, warnings, torch, flowaug
+from flowaug.backends import ChunkedPair
+warnings.filterwarnings("ignore", message=".*did not converge.*")
+c = json.loads(sys.argv[1])
+dev = torch.device(c["device"])
+cuda = dev.type == "cuda"
+g = torch.Generator().manual_seed(0)
+x = torch.rand(c["n"], c["d"], generator=g).to(dev)
+y = (torch.rand(c["m"], c["d"], generator=g) + 0.1).to(dev)
+if c["objective"] == "mmd":
+    obj = flowaug.MMD("gaussian")
+else:
+    obj = flowaug.Sinkhorn(max_iter=c["max_iter"])
+info = {}
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize(dev)
+
+def step():
+    if c["kind"] == "softmin":  # one call of the Sinkhorn primitive (a cost pass, an exp pass)
+        ChunkedPair(x, y).softmin(1.0, torch.zeros(c["m"], device=dev))
+    else:
+        out = flowaug.flow(x, reference=y, objective=obj, steps=1, backend=c["backend"], track_objective=False)
+        info.update(ran_on=out.backend, iterations=out.iterations[-1] if out.iterations else None)
+    sync()
+
+if c["backend"] == "keops":  # build KeOps' formulas (they depend on d, not on N) before the clock starts
+    flowaug.flow(x[:64], reference=y[:64], objective=obj, steps=1, backend="keops", track_objective=False)
+if cuda:
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+row = {"threads": torch.get_num_threads(),
+       "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu"}
+try:
+    t0 = time.perf_counter()
+    step()  # warm-up; a slow cell's only run
+    times = [time.perf_counter() - t0]
+    if times[0] <= c["slow"]:
+        times = []
+        for _ in range(c["repeats"]):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    row.update(status="ok", ms=1e3 * statistics.median(times), runs=len(times))
+except MemoryError as err:
+    row.update(status="refused: " + str(err).split(";")[0])
+peak = torch.cuda.max_memory_allocated(dev) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+row.update(info, peak_mb_above_baseline=(peak - base) / 2**20)
+print(json.dumps(row))
+"""
+CHUNKED_SINKHORN_CAP = 5  # iteration cap of the Sinkhorn cells at N = M = 65,536 on the CPU (see chunked_cells)
+
+
+def chunked_cells(device: str, quick: bool) -> list[dict]:
+    """The cells of the chunked section: side-by-side dense / chunked / KeOps where all fit, and the large
+    cells. The CPU's N = M = 65,536 Sinkhorn step is capped at CHUNKED_SINKHORN_CAP iterations per solve (one
+    chunked softmin there costs seconds; a converged cold step runs about 100 of them): its time is the
+    epsilon-scaling plus the capped solve, reported with the iterations it ran. The KeOps MMD step at that size
+    (1,171 s) is in the memory section and is not run again."""
+    cells = []
+
+    def add(kind, objective, backend, n, d, max_iter=1000):
+        cells.append({"device": device, "kind": kind, "objective": objective, "backend": backend, "n": n, "m": n,
+                      "d": d, "max_iter": max_iter})
+
+    if device == "cuda":  # everything fits on the GPU (dense at 65,536: 64 GiB)
+        for n in ([4096, 65536] if quick else [4096, 16384, 65536]):
+            for objective in ("mmd", "sinkhorn"):
+                for backend in ("tensorized", "chunked", "keops"):
+                    add("step", objective, backend, n, 64)
+        return cells
+    side = 1024 if quick else 4096
+    for objective in ("mmd", "sinkhorn"):
+        for backend in ("tensorized", "chunked", "keops"):
+            add("step", objective, backend, side, 64)
+    if quick:
+        add("step", "mmd", "chunked", 8192, 64)
+        return cells
+    add("step", "mmd", "tensorized", 65536, 64)  # refused: 64 GiB
+    add("step", "mmd", "chunked", 65536, 64)
+    add("step", "sinkhorn", "chunked", 65536, 64, max_iter=CHUNKED_SINKHORN_CAP)
+    # the whole MNIST train set toward 60,000 points, jointly: d = 784 pixels + 19 label coordinates
+    add("softmin", "sinkhorn", "chunked", 60000, 803)
+    return cells
+
+
+def _cell_key(cell: dict) -> tuple:
+    return tuple(cell[k] for k in ("device", "kind", "objective", "backend", "n", "m", "d", "max_iter"))
+
+
+def section_chunked(args, results):
+    """Each cell in its own process (peak memory: ru_maxrss, or CUDA's peak allocation, above the baseline after
+    the data are made); each finished cell is written to the JSON at once and skipped when the section is run
+    again, so a long run can be resumed."""
+    rows = [r for r in results.get("chunked", []) if r.get("status", "").startswith(("ok", "refused"))]
+    done = {_cell_key(r) for r in rows}
+    for cell in chunked_cells(args.device, args.quick):
+        if _cell_key(cell) in done:
+            print("done before:", json.dumps(cell), flush=True)
+            continue
+        probe = dict(cell, repeats=args.repeats, slow=SLOW)
+        res = subprocess.run([sys.executable, "-c", CHUNKED_PROBE, json.dumps(probe)], capture_output=True, text=True,
+                             timeout=4 * 3600, cwd=os.path.join(os.path.dirname(__file__), ".."))
+        line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+        row = dict(cell)
+        row.update(json.loads(line[-1]) if line else {"status": "crashed: " + res.stderr[-300:]})
+        emit(args, results, "chunked", rows, row)
+    return rows
+
+
+def chunked_table(rows) -> str:
+    out = []
+    for r in rows:
+        ms = r.get("ms")
+        out.append([r["device"], r["kind"], r["objective"], r["n"], r["d"], r["backend"], r["status"][:60],
+                    "" if ms is None else (f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"), r.get("runs", ""),
+                    r.get("iterations") or "", r["max_iter"] if r["objective"] == "sinkhorn" else "",
+                    f"{r['peak_mb_above_baseline']:.0f}" if "peak_mb_above_baseline" in r else "", r.get("threads", "")])
+    return markdown_table(["device", "cell", "objective", "N = M", "d", "backend", "status", "ms", "runs",
+                           "iterations (x-y, x-x)", "max_iter", "peak MB above baseline", "threads"], out)
+
+
 def report(results: dict) -> str:
     """Markdown tables of every section present in ``results`` (the JSON this script writes)."""
     out = []
@@ -460,6 +594,8 @@ def report(results: dict) -> str:
         out += ["### Memory of one MMD flow step (N = M), each case in its own process", "", markdown_table(
             ["N = M", "d", "backend", "status", "peak RSS above baseline (MB)", "seconds (incl. KeOps build)"],
             rows), ""]
+    if results.get("chunked"):
+        out += ["### Dense, chunked and KeOps (one cold step, random data in [0, 1]^d)", "", chunked_table(results["chunked"]), ""]
     if results.get("precompute"):
         r = results["precompute"]
         out += ["### Whole-dataset precompute", "", f"{r['points']} points toward {r['reference']}, {r['steps']} "
@@ -471,15 +607,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="DIR", help="folder of NAME/{train,test}.npz; default: torchvision")
     p.add_argument("--out", default="benchmarks/results/speed.json")
-    p.add_argument("--sections", nargs="+", default=["step", "defaults", "overhead", "memory", "precompute"],
-                   choices=["step", "defaults", "overhead", "memory", "precompute"])
+    p.add_argument("--sections", nargs="+", choices=SECTIONS,
+                   help="default: all; with --device: chunked (the only section that runs on a GPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="device of the chunked section (default cpu); cuda needs a visible GPU")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a small grid (N=256, M=1024, d in {64, 784}, dense)")
     p.add_argument("--no-pot", action="store_true", help="skip POT")
     p.add_argument("--n", type=int, nargs="+", default=[256, 1024], help="moving points")
     p.add_argument("--m", type=int, nargs="+", default=[1024, 4096], help="reference points")
     p.add_argument("--d", type=int, nargs="+", default=[2, 64, 784], help="dimensions")
-    p.add_argument("--backends", nargs="+", default=["tensorized", "keops"], choices=["tensorized", "keops"])
+    p.add_argument("--backends", nargs="+", default=["tensorized", "keops"], choices=["tensorized", "chunked", "keops"])
     p.add_argument("--memory-d", type=int, nargs="+", default=[64, 784], help="dimensions of the memory section")
     p.add_argument("--full-keops", action="store_true", help="also run the KeOps Sinkhorn at d = 784 (minutes)")
     p.add_argument("--keops-baselines", action="store_true", help="also time geomloss's online backend (slow)")
@@ -491,13 +629,22 @@ def main(argv=None):
         return
     if args.repeats < 5:
         p.error("--repeats must be >= 5 (medians over at least 5 runs)")
+    if args.sections is None:
+        args.sections = ["chunked"] if args.device else list(SECTIONS)
+    args.device = args.device or "cpu"
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False; "
+                    f"torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a machine with a GPU, "
+                    "or use --device cpu")
+        if set(args.sections) - {"chunked"}:
+            p.error(f"--device cuda runs the chunked section only, got --sections {' '.join(args.sections)}")
     warnings.filterwarnings("ignore", message=".*did not converge.*")
     results = {"machine": machine(), "config": vars(args), "blur": BLUR, "tau": TAU}
     if os.path.exists(args.out):  # keep sections computed by an earlier run of another section
         with open(args.out) as handle:
             previous = json.load(handle)
-        results.update({k: v for k, v in previous.items()
-                        if k in ("step", "defaults", "overhead", "memory", "precompute")})
+        results.update({k: v for k, v in previous.items() if k in SECTIONS})
     t0 = time.time()
     if "step" in args.sections:
         rows = section_step(args, results)
@@ -510,6 +657,8 @@ def main(argv=None):
         section_memory(args, results)
     if "precompute" in args.sections:
         section_precompute(args, results)
+    if "chunked" in args.sections:
+        section_chunked(args, results)
     results["seconds"] = time.time() - t0
     write_json(args.out, results)
     print(report(results))

@@ -6,7 +6,7 @@ place decides.
 fit in memory: one MMD step at 256 x 1024, d = 784 took 14 ms dense and 557 ms with KeOps; N = M = 4096 at
 d = 64, 1.3 s against 5.5 s; N = M = 16384 at d = 64, 18 s against 80 s. Where dense does not fit, the chunked
 backend (dense arithmetic in row blocks, memory bounded by a block budget) replaces KeOps on the CPU: one MMD
-step at N = M = 65,536, d = 64 took 106 s with chunked (one thread on a shared machine, 148 MB above the
+step at N = M = 65,536, d = 64 took 57 s with chunked (one thread, 152 MB above the
 process baseline) against 1,171 s with KeOps (133 MB); dense would need 64 GiB. Where dense fits it stays the
 CPU choice: it computes the cost once per step while chunked recomputes it at every Sinkhorn half-iteration
 (see the side-by-side table in ``benchmarks/README.md``). On CUDA no crossover has been measured by this project
