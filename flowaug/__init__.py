@@ -13,6 +13,7 @@ which must not happen in the parent of forked DataLoader workers), Lightning onl
 from __future__ import annotations
 
 from .backends import DenseMemoryError
+from .config import FlowConfig
 from .flow import FlowResult, flow
 from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
 from .objectives import (
@@ -37,6 +38,7 @@ __all__ = [
     "DenseMemoryError",
     "Entropy",
     "FlowAnnealing",
+    "FlowConfig",
     "FlowDataset",
     "FlowResult",
     "FlowTransform",

@@ -8,6 +8,9 @@ modifies its input.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from numbers import Integral, Real
 from typing import Sequence
 
@@ -136,3 +139,15 @@ def check_labels(
     expected = f"({n},) class ids" + (" or (N, K) soft labels" if allow_soft else "")
     raise ValueError(f"{name} must have shape {expected}, got shape {tuple(labels.shape)}")
 
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside flowaug (the user's line), however deep the
+    library's call stack is (what ``skip_file_prefixes`` does from Python 3.12)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn_user
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -11,7 +11,7 @@ epoch's strength. With ``interval="step"`` workers lag by their prefetch depth
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -20,9 +20,20 @@ from ._checks import check_choice, check_int, check_real, describe
 from .schedules import SCHEDULES, schedule_value
 from .transforms import FlowTransform
 
-__all__ = ["FlowAnnealing"]
+__all__ = ["Annealable", "FlowAnnealing"]
 
 INTERVALS = ("epoch", "step")
+
+
+@runtime_checkable
+class Annealable(Protocol):
+    """What :class:`FlowAnnealing` drives: a settable ``strength`` in [0, 1] and ``set_epoch(epoch)`` (the
+    ``DistributedSampler`` convention: restart per-epoch randomness). FlowTransform and FlowDataset are
+    annealable; so is any object of yours with these two members."""
+
+    strength: float
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 def _check_position(name: str, value, allow_none: bool):
@@ -39,7 +50,8 @@ class FlowAnnealing(pl.Callback):
     """Anneal ``strength`` of FlowTransform/FlowDataset objects over training.
 
     Args:
-        targets: one object with a ``strength`` attribute (FlowTransform, FlowDataset) or a list of them.
+        targets: one :class:`Annealable` (FlowTransform, FlowDataset, or any object with a settable
+            ``strength`` and ``set_epoch(epoch)``) or a list of them.
         schedule: ``"linear"``, ``"cosine"``, ``"step"``, ``"exponential"`` or a callable
             ``progress -> strength`` (see :mod:`flowaug.schedules`).
         start_value, end_value: strength at the start and at the end of the schedule (either order).
@@ -51,7 +63,9 @@ class FlowAnnealing(pl.Callback):
         apply_to_batches: apply the FlowTransform targets to training batches after they reach the device
             (main process, ``on_train_batch_start``; training batches only). The batch tensors are updated
             in place, so the labels must keep their shape and dtype.
-        log: log ``flowaug/strength`` through the LightningModule's logger.
+        log: log ``flowaug/strength`` through the LightningModule's logger, and ``flowaug/objective`` (the
+            last value of the flow of the batch) for FlowTransform targets applied with
+            ``apply_to_batches`` and built with ``track_objective=True``.
 
     Example:
         >>> import torch
@@ -82,8 +96,11 @@ class FlowAnnealing(pl.Callback):
         if not self.targets:
             raise ValueError("targets must hold at least one FlowTransform or FlowDataset")
         for i, t in enumerate(self.targets):
-            if not hasattr(type(t), "strength"):
-                raise TypeError(f"targets[{i}] must have a 'strength' attribute (FlowTransform, FlowDataset), got {describe(t)}")
+            if not isinstance(t, Annealable):
+                raise TypeError(
+                    f"targets[{i}] must be annealable (a 'strength' attribute and a set_epoch(epoch) method, as "
+                    f"FlowTransform and FlowDataset), got {describe(t)}"
+                )
         if not callable(schedule):
             check_choice("schedule", schedule, SCHEDULES)
         self.schedule = schedule
@@ -138,8 +155,7 @@ class FlowAnnealing(pl.Callback):
         value = self.value_at(position, self._total(trainer))
         for t in self.targets:
             t.strength = value
-            if hasattr(t, "_epoch"):  # restarts the targets' random streams per epoch (exact resume)
-                t._epoch.set(epoch)
+            t.set_epoch(epoch)  # restarts the targets' random streams per epoch (exact resume)
         self.current, self.position = value, position
         return value
 
@@ -172,7 +188,8 @@ class FlowAnnealing(pl.Callback):
             for t in self.targets:
                 if isinstance(t, FlowTransform):
                     self._apply_in_place(t, batch)
-            objective = next((t.last_objective for t in self.targets if getattr(t, "last_objective", None) is not None), None)
+            objective = next((t.last_objective for t in self.targets
+                              if isinstance(t, FlowTransform) and t.last_objective is not None), None)
             if self.log and objective is not None:
                 pl_module.log("flowaug/objective", float(objective[-1]), on_step=True, on_epoch=False)
 

@@ -22,21 +22,22 @@ import warnings
 import numpy as np
 import torch
 
-from . import backends
 from ._version import __version__
 from ._cache import read_cache, write_cache
-from ._checks import check_choice, check_int, check_real, describe
+from ._checks import check_choice, check_int, describe
 from ._shared import SharedValue, strength_property
+from .config import FlowConfig, fingerprint
 from .data import dataset_to_tensors
-from .flow import DECODERS, LABEL_MODES, flow
+from .flow import run
 from .labels import ClassStats
-from .objectives import as_objective
 from .reference import Reference
-from .transforms import FlowTransform, batch_to_float, float_to_like
+from .transforms import FlowTransform, batch_to_float, build_config, float_to_like
 
 __all__ = ["FlowDataset", "MODES"]
 
 MODES = ("precompute", "online")
+#: FlowConfig defaults of a FlowDataset where they differ from :func:`flowaug.flow`'s
+DATASET_DEFAULTS = {"steps": 20, "clamp": "auto", "track_objective": False}
 
 
 def _digest(*arrays) -> str:
@@ -63,16 +64,16 @@ class FlowDataset(torch.utils.data.Dataset):
         dataset: map-style Dataset of ``(input, label)`` items (any transform pipeline it already has runs
             when items are read).
         reference: Reference, ``(features, labels)``, tensor or Dataset (see :class:`~flowaug.Reference`).
+        config: a :class:`~flowaug.FlowConfig` to start from (default: ``steps=20, clamp="auto"``).
+        **options: any :class:`~flowaug.FlowConfig` option, applied over ``config`` (see
+            :func:`~flowaug.flow`). ``snapshots`` (precompute only): the steps to keep (a list, a count of
+            evenly spaced ones; the start and the end are always kept); ``strength`` interpolates between
+            them.
         mode: ``"precompute"`` or ``"online"``.
-        objective, steps, step_size, labels, label_weight, decode, class_map, momentum, backend: as in
-            :func:`~flowaug.flow`.
         soft: with ``labels="flow"``, items carry soft labels (K',) instead of class ids.
-        snapshots: precompute: steps to keep (a list, a count of evenly spaced ones, or None for the
-            start and the end). ``strength`` interpolates between them.
         strength: fraction of the flow time served, in [0, 1] (annealed by :class:`~flowaug.FlowAnnealing`).
         chunk_size: points flowed together in precompute (each chunk is a shuffled sample of the data).
         reference_size: reference points drawn per chunk / batch (None: all).
-        clamp: ``"auto"`` (the reference's value range), a pair, or None.
         cache_dir: folder of the precompute cache (None: no disk cache).
         seed: seed of the chunk shuffling and of the reference samples.
         progress: show progress bars while reading and flowing.
@@ -95,26 +96,17 @@ class FlowDataset(torch.utils.data.Dataset):
         self,
         dataset,
         reference,
+        config: FlowConfig | None = None,
         *,
         mode: str = "precompute",
-        objective="sinkhorn",
-        steps: int = 20,
-        step_size: float = 1.0,
-        labels: str = "fixed",
-        label_weight: float = 1.0,
-        decode: str = "point",
-        class_map=None,
         soft: bool = False,
-        momentum: float = 0.0,
-        snapshots=None,
         strength: float = 1.0,
         chunk_size: int = 4096,
         reference_size: int | None = None,
-        backend: str = "auto",
-        clamp="auto",
         cache_dir: str | None = None,
         seed: int = 0,
         progress: bool = True,
+        **options,
     ):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be a map-style Dataset with __len__ and __getitem__, got {type(dataset).__name__}")
@@ -123,75 +115,61 @@ class FlowDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.reference = Reference.coerce(reference)
         self.mode = check_choice("mode", mode, MODES)
-        self.objective = as_objective(objective)
-        self.steps = check_int("steps", steps)
-        self.step_size = check_real("step_size", step_size, low=0, low_open=True)
-        self.labels = check_choice("labels", labels, LABEL_MODES)
-        self.label_weight = check_real("label_weight", label_weight, low=0)
-        self.decode = check_choice("decode", decode, DECODERS)
-        if class_map is not None and not isinstance(class_map, torch.Tensor):
-            check_choice("class_map", class_map, ("same", "ot"))
-        self.class_map = class_map
-        self.soft = bool(soft)
-        self.momentum = check_real("momentum", momentum, low=0, high=1, high_open=True)
+        self.config = build_config(config, DATASET_DEFAULTS, options, "FlowDataset")
+        if self.mode == "online" and self.config.snapshots is not None:
+            raise ValueError("snapshots apply to mode='precompute' only (online mode flows each batch anew)")
+        if not isinstance(soft, bool):
+            raise TypeError(f"soft must be True or False, got {describe(soft)}")
+        self.soft = soft
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=2)
         self.reference_size = None if reference_size is None else check_int("reference_size", reference_size, minimum=2)
-        self.backend = check_choice("backend", backend, backends.BACKENDS)
-        self.clamp = clamp
         self.cache_dir = cache_dir
         self.seed = check_int("seed", seed)
         self.progress = bool(progress)
-        self._strength = SharedValue(strength, "strength")
-        self.snapshot_steps = self._snapshot_steps(snapshots)
+        self.snapshot_steps = sorted(set(self.config.snapshot_steps()) | {0, self.config.steps})
         self.cache_status: str | None = None
         self._data = None
-        self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
         if self.mode == "online":
-            self._transform = FlowTransform(
-                self.reference, objective=self.objective, steps=self.steps, step_size=self.step_size,
-                labels=self.labels, label_weight=self.label_weight, decode=self.decode, class_map=class_map,
-                soft=self.soft,
-                backend=self.backend, reference_size=self.reference_size, clamp=clamp, momentum=self.momentum,
-                seed=self.seed,
-            )
-            self._transform._strength = self._strength  # one shared value for both
-            self._transform._epoch = self._transform._rng.epoch = self._epoch  # published by FlowAnnealing
+            self._transform = FlowTransform(self.reference, self.config, soft=soft, strength=strength,
+                                            reference_size=self.reference_size, seed=self.seed)
+            self._strength = self._transform._strength  # one shared value, owned by the transform
         else:
             self._transform = None
+            self._strength = SharedValue(strength, "strength")
             self.precompute()
 
     # ------------------------------------------------------------------ strength
     strength = strength_property("Fraction of the flow time served, in [0, 1] (shared with DataLoader workers).")
 
-    def _snapshot_steps(self, snapshots) -> list[int]:
-        if snapshots is None:
-            return sorted({0, self.steps})
-        if isinstance(snapshots, int) and not isinstance(snapshots, bool):
-            k = check_int("snapshots", snapshots, minimum=2)
-            return sorted({round(i * self.steps / (k - 1)) for i in range(k)})
-        steps = sorted({check_int("snapshots entry", s) for s in snapshots} | {0, self.steps})
-        if steps[-1] > self.steps:
-            raise ValueError(f"snapshots must be steps in [0, {self.steps}], got {steps[-1]}")
-        return steps
+    def set_epoch(self, epoch: int) -> None:
+        """Online mode: restart the flow's random stream for ``epoch`` (see :meth:`FlowTransform.set_epoch`).
+        Precompute mode draws nothing per epoch; the call only checks ``epoch``."""
+        epoch = check_int("epoch", epoch)
+        if self._transform is not None:
+            self._transform.set_epoch(epoch)
 
     # ------------------------------------------------------------------ precompute
     def config_key(self, data_digest: str) -> str:
-        """Cache key: data, reference, every setting that changes the result, and the library version."""
-        parts = [
-            __version__, data_digest, self.reference.fingerprint(), repr(self.objective), self.steps,
-            self.step_size, self.labels, self.label_weight, self.decode, repr(self.class_map), self.momentum,
-            self.snapshot_steps,
-            self.chunk_size, self.reference_size, self.backend, repr(self.clamp), self.seed,
-        ]
-        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+        """Cache key: the data, the reference, every setting that changes the result (the flow options by
+        content, user callables by their code) and the library version. Raises ValueError when an option
+        cannot be fingerprinted (then nothing is cached)."""
+        return fingerprint([
+            __version__, data_digest, self.reference.fingerprint(), self.config.fingerprint(), self.soft,
+            self.snapshot_steps, self.chunk_size, self.reference_size, self.seed,
+        ])
 
     def precompute(self) -> None:
         """Flow the whole dataset (or load the cached result). Called by the constructor."""
         x, y = dataset_to_tensors(self.dataset, progress=self.progress, name="dataset")
         if y.ndim != 1:
             raise ValueError("precompute needs hard class labels (N,) in the wrapped dataset")
-        key = self.config_key(_digest(x, y))
-        path = None if self.cache_dir is None else os.path.join(self.cache_dir, f"flowaug-{key}.cache")
+        path, key = None, None
+        if self.cache_dir is not None:
+            try:
+                key = self.config_key(_digest(x, y))
+                path = os.path.join(self.cache_dir, f"flowaug-{key}.cache")
+            except ValueError as err:
+                warnings.warn(f"FlowDataset cache disabled: {err}", RuntimeWarning, stacklevel=3)
         if path is not None:
             payload, reason = read_cache(path, key)
             if payload is not None:
@@ -208,61 +186,60 @@ class FlowDataset(torch.utils.data.Dataset):
             torch.distributed.barrier()
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Flow every chunk (this rank's share under DDP) and gather the snapshots."""
         from tqdm.auto import tqdm
 
         n = x.shape[0]
         xf = batch_to_float(x)
         ref = self.reference.to(xf.device)
-        use_labels = self.label_weight > 0 and ref.labels is not None
+        cfg = self.config
+        use_labels = ref.labels is not None and (cfg.label_weight > 0 or cfg.class_map is not None)
         stats = ClassStats(single_sample=ref.single_sample).update(xf, y) if use_labels else None
+        run_cfg = cfg.replace(snapshots=self.snapshot_steps, track_objective=False,
+                              **({} if use_labels else {"labels": "fixed", "class_map": None}))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         n_chunks = math.ceil(n / self.chunk_size)
         store_dtype = torch.uint8 if x.dtype == torch.uint8 else torch.float32
         snaps = {s: torch.empty(x.shape, dtype=store_dtype) for s in self.snapshot_steps}
         snap_labels = {s: y.clone() for s in self.snapshot_steps}
         soft = {s: None for s in self.snapshot_steps}
-        clamp = ref.value_range() if self.clamp == "auto" else self.clamp
-        bar = tqdm(range(n_chunks), desc="flowing dataset", disable=not self.progress, leave=False)
         chunks = torch.tensor_split(order, n_chunks)  # even sizes: no tiny last chunk (a poor sample)
         rank, world = _distributed()  # under DDP each rank flows every world-th chunk, then all gather
         done = []
-        for c in bar:
+        for c in tqdm(range(n_chunks), desc="flowing dataset", disable=not self.progress, leave=False):
             if c % world != rank:
                 continue
             idx = chunks[c]
             done.append(c)
-            ref_index = None
-            if self.reference_size is not None and self.reference_size < ref.num_samples:
-                chunk_gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_033 + c)  # same on any rank
-                ref_index = torch.randperm(ref.num_samples, generator=chunk_gen)[: self.reference_size]
-            out = flow(
-                xf[idx], y[idx] if use_labels else None, ref, objective=self.objective, steps=self.steps,
-                step_size=self.step_size, labels=self.labels if use_labels else "fixed",
-                label_weight=self.label_weight, decode=self.decode, momentum=self.momentum, clamp=clamp,
-                class_map=self.class_map if use_labels else None,
-                backend=self.backend, source_stats=stats, reference_index=ref_index,
-                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + c),
-                snapshots=self.snapshot_steps, track_objective=False,
-            )
+            out = run(xf[idx], y[idx] if use_labels else None, ref, run_cfg, source_stats=stats,
+                      reference_index=self._chunk_reference(c, ref.num_samples),
+                      generator=torch.Generator().manual_seed(self.seed * 1_000_003 + c))
             traj, traj_y = list(out.trajectory), list(out.trajectory_labels)
             while len(traj) < len(self.snapshot_steps):  # the guard stopped the flow early: hold the end
                 traj.append(out.x)
                 traj_y.append(out.labels)
+            flows_labels = run_cfg.labels == "flow"
+            per_point = cfg.decode == "point" and cfg.class_map is None
             for s, xs, ys in zip(self.snapshot_steps, traj, traj_y):
                 snaps[s][idx] = float_to_like(xs, x[idx]).as_subclass(torch.Tensor).to(store_dtype)
-                if self.labels == "flow" and use_labels:
-                    # per point: each snapshot decoded at its time; per class: one relabelling for all
-                    snap_labels[s][idx] = ys if self.decode == "point" and self.class_map is None else out.labels
-            if self.labels == "flow" and use_labels:
-                last = self.snapshot_steps[-1]
-                if self.soft:
-                    if soft[last] is None:
-                        soft[last] = torch.zeros(n, out.soft_labels.shape[1])
-                    soft[last][idx] = out.soft_labels
+                if flows_labels:  # per point: each snapshot decoded at its time; per class: one relabelling
+                    snap_labels[s][idx] = ys if per_point else out.labels
+            last = self.snapshot_steps[-1]
+            if flows_labels and self.soft:
+                if soft[last] is None:
+                    soft[last] = torch.zeros(n, out.soft_labels.shape[1])
+                soft[last][idx] = out.soft_labels
         self.chunks_flowed = done  # the chunks this process flowed (all of them unless sharded under DDP)
         if world > 1:
             self._gather(chunks, done, snaps, snap_labels, soft)
         return {"x": snaps, "y": snap_labels, "soft": soft.get(self.snapshot_steps[-1]), "dtype": str(x.dtype)}
+
+    def _chunk_reference(self, chunk: int, num_samples: int) -> torch.Tensor | None:
+        """The reference sample of a chunk: the same on every rank and in every run."""
+        if self.reference_size is None or self.reference_size >= num_samples:
+            return None
+        gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_033 + chunk)
+        return torch.randperm(num_samples, generator=gen)[: self.reference_size]
 
     def _gather(self, chunks, done, snaps, snap_labels, soft) -> None:
         """All-gather the chunks flowed by every rank (torch.distributed, any backend)."""
@@ -287,7 +264,7 @@ class FlowDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def _bracket(self) -> tuple[int, int, float]:
-        t = self.strength * self.steps
+        t = self.strength * self.config.steps
         steps = self.snapshot_steps
         hi = next((s for s in steps if s >= t - 1e-9), steps[-1])
         lo = max((s for s in steps if s <= t + 1e-9), default=steps[0])
@@ -308,7 +285,7 @@ class FlowDataset(torch.utils.data.Dataset):
             mixed = torch.lerp(a, b, w)
             item = mixed.round().clamp(0, 255).to(torch.uint8) if xs[lo].dtype == torch.uint8 else mixed
         near = hi if w >= 0.5 else lo
-        if self.soft and self.labels == "flow" and near == self.snapshot_steps[-1] and self._data["soft"] is not None:
+        if self.soft and self.config.labels == "flow" and near == self.snapshot_steps[-1] and self._data["soft"] is not None:
             return item, self._data["soft"][index]
         return item, int(self._data["y"][near][index])
 
@@ -329,7 +306,7 @@ class FlowDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"FlowDataset(dataset={type(self.dataset).__name__}(len={len(self.dataset)}), "
-            f"reference={self.reference!r}, mode={self.mode!r}, objective={self.objective!r}, steps={self.steps}, "
-            f"step_size={self.step_size}, labels={self.labels!r}, snapshots={self.snapshot_steps}, "
-            f"strength={self.strength})"
+            f"reference={self.reference!r}, mode={self.mode!r}, soft={self.soft}, chunk_size={self.chunk_size}, "
+            f"reference_size={self.reference_size}, seed={self.seed}, snapshot_steps={self.snapshot_steps}, "
+            f"strength={self.strength}, {self.config.describe()})"
         )

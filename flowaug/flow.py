@@ -1,41 +1,41 @@
-"""The flow engine: explicit Euler steps of a Wasserstein gradient flow, on tensors only.
+"""The flow engine: ``flow`` = prepare -> integrate -> assemble, on tensors only.
 
     z_{t+1} = z_t - tau * v(z_t),      v(z_i) = N * grad_{z_i} F(rho_z)       (+ Langevin noise)
 
 ``z = [x; lambda * e_y]`` carries the label embedding (see :mod:`flowaug.labels`); with
 ``labels="fixed"`` only the features move, with ``labels="flow"`` the label part moves too and is decoded
-back to reference classes. No DataLoader, no Lightning, no global state beyond the KeOps fallback flag:
-adapters (:class:`~flowaug.FlowTransform`, :class:`~flowaug.FlowDataset`) call :func:`flow`.
+back to reference classes.
+
+Where things happen (one place each):
+
+* options and their validation: :class:`flowaug.FlowConfig` (:mod:`flowaug.config`);
+* the step rule (Euler, momentum, Langevin noise, clamp, the halving guard): :mod:`flowaug.integrate`;
+* class-wise flows (``class_map``): the :class:`~flowaug.classwise.ClassWise` objective;
+* this module: checks the tensors, builds the problem (label embedding, prepared reference, backend),
+  runs the integrator and assembles the :class:`FlowResult` (decoding labels).
+
+No DataLoader, no Lightning, no global state beyond the KeOps fallback flag: adapters
+(:class:`~flowaug.FlowTransform`, :class:`~flowaug.FlowDataset`) call :func:`run` with their config.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
+
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import backends
-from ._checks import (
-    check_choice,
-    check_finite_tensor,
-    check_int,
-    check_labels,
-    check_real,
-    check_same_device,
-    describe,
-)
+from ._checks import check_finite_tensor, check_labels, check_same_device, describe, warn_user
+from .classwise import ClassWise, class_mapping
+from .config import DECODERS, LABEL_MODES, FlowConfig
+from .integrate import Dynamics, Path, integrate
 from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
-from .objectives import Context, as_objective
+from .objectives import Context, Evaluation, Objective
 from .reference import Reference
 
-__all__ = ["FlowResult", "flow", "LABEL_MODES", "DECODERS"]
-
-LABEL_MODES = ("fixed", "flow")
-DECODERS = ("point", "class")
-MAX_HALVINGS = 8
-_NEEDS_REFERENCE = ("Sinkhorn", "MMD", "SlicedWasserstein")
+__all__ = ["FlowResult", "flow", "run", "LABEL_MODES", "DECODERS"]
 
 
 @dataclass
@@ -53,9 +53,9 @@ class FlowResult:
         step_size: the step size at the end (smaller than asked if the divergence guard halved it).
         backend: the backend that ran.
         iterations: solver iterations per evaluation (Sinkhorn: (x-y, x-x) pairs), for diagnostics.
-        class_map: ``decode="class"``: (K,) reference class of each source class.
-        warm: solver state; pass ``warm=result.warm`` to start the next flow toward the same reference
-            from it.
+        class_map: ``decode="class"`` or class-wise flows: (K,) reference class of each source class.
+        warm: the objective's solver state; pass ``warm=result.warm`` to start the next flow toward the
+            same reference from it.
     """
 
     x: torch.Tensor
@@ -70,7 +70,7 @@ class FlowResult:
     backend: str = ""
     iterations: list = field(default_factory=list)
     class_map: torch.Tensor | None = None
-    warm: dict = field(default_factory=dict, repr=False)
+    warm: Any = field(default=None, repr=False)
 
 
 def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
@@ -79,16 +79,13 @@ def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
     ref_size = max(abs(lo), abs(hi))
     size = float(x.detach().abs().amax()) if x.numel() else 0.0
     if ref_size > 0 and size > 20 * ref_size:
-        warnings.warn(
+        warn_user(
             f"x reaches {size:.4g} but the reference lies in [{lo:.4g}, {hi:.4g}]: they look like different "
-            "units (pixels 0..255 vs 0..1?); scale x (x / 255, or v2.ToDtype(torch.float32, scale=True))",
-            RuntimeWarning, stacklevel=3,
-        )
+            "units (pixels 0..255 vs 0..1?); scale x (x / 255, or v2.ToDtype(torch.float32, scale=True))")
     elif size > 0 and ref_size > 20 * size:
-        warnings.warn(
+        warn_user(
             f"the reference reaches {ref_size:.4g} but x lies within {size:.4g}: they look like different units "
-            "(pixels 0..255 vs 0..1?); scale the reference the same way as x", RuntimeWarning, stacklevel=3,
-        )
+            "(pixels 0..255 vs 0..1?); scale the reference the same way as x")
 
 
 def _check_batch(x) -> None:
@@ -102,29 +99,6 @@ def _check_batch(x) -> None:
             "flowaug.data.as_float_images (uint8 -> [0, 1]) or use FlowTransform, which does it"
         )
 
-
-def _snapshot_steps(snapshots, steps: int) -> set[int]:
-    if snapshots is None:
-        return set()
-    if isinstance(snapshots, str) and snapshots == "all":
-        return set(range(steps + 1))
-    if isinstance(snapshots, int) and not isinstance(snapshots, bool):
-        k = check_int("snapshots", snapshots, minimum=1)
-        return {round(i * steps / max(k - 1, 1)) for i in range(k)} if k > 1 else {steps}
-    out = set()
-    for s in snapshots:
-        s = check_int("snapshots entry", s)
-        if s > steps:
-            raise ValueError(f"snapshots must be steps in [0, {steps}], got {s}")
-        out.add(s)
-    return out
-
-
-def _restore(z: torch.Tensor, like: torch.Tensor, d: int) -> torch.Tensor:
-    """(N, D) computation -> caller's shape, dtype, device and memory format."""
-    out = torch.empty_like(like)
-    out.copy_(z[:, :d].reshape(like.shape))
-    return out
 
 
 def flow(
@@ -149,7 +123,7 @@ def flow(
     generator: torch.Generator | None = None,
     track_objective: bool = True,
     guard: bool = True,
-    warm: dict | None = None,
+    warm=None,
     progress: bool = False,
     class_map=None,
 ) -> FlowResult:
@@ -172,7 +146,8 @@ def flow(
             (each source class to one reference class, by OT between the class distributions).
         soft_temperature: temperature of the soft labels (None: derived from the reference classes).
         momentum: heavy-ball coefficient in [0, 1).
-        clamp: ``(low, high)`` to clamp the features after every step (e.g. ``(0, 1)`` for pixels).
+        clamp: ``(low, high)`` to clamp the features after every step (e.g. ``(0, 1)`` for pixels), or
+            ``"auto"``: the reference's value range.
         backend: ``"auto"``, ``"tensorized"`` (dense torch) or ``"keops"``.
         dtype: computation dtype, ``torch.float32`` or ``torch.float64``.
         snapshots: steps at which to keep ``x``: a list of step indices, a count of evenly spaced
@@ -184,7 +159,7 @@ def flow(
         track_objective: compute the objective at every step including the last and its reference
             constant (costs one extra evaluation and, once per reference, the reference self-term).
         guard: detect divergence (objective increase or non-finite values) and halve the step size.
-        warm: solver state from a previous :class:`FlowResult` toward the same reference.
+        warm: solver state (``result.warm``) of a previous flow toward the same reference.
         progress: show a progress bar over steps.
         class_map: class-wise flows instead of one joint label-aware flow: ``"same"`` (source class k
             flows toward reference class k: same label set), ``"ot"`` (classes paired by
@@ -205,377 +180,212 @@ def flow(
         >>> bool((out.x.mean(0) - ref.mean(0)).norm() < 0.05)  # the batch now sits on the reference
         True
     """
-    # ---------------------------------------------------------------- validation (nothing mutated)
+    config = FlowConfig(
+        objective=objective, steps=steps, step_size=step_size, labels=labels, label_weight=label_weight,
+        decode=decode, soft_temperature=soft_temperature, class_map=class_map, momentum=momentum, clamp=clamp,
+        backend=backend, dtype=dtype, snapshots=snapshots, guard=guard, track_objective=track_objective,
+    )
+    return run(x, y, reference, config, source_stats=source_stats, reference_index=reference_index,
+               generator=generator, warm=warm, progress=progress)
+
+
+def run(x: torch.Tensor, y: torch.Tensor | None, reference, config: FlowConfig, *,
+        source_stats: ClassStats | None = None, reference_index: torch.Tensor | None = None,
+        generator: torch.Generator | None = None, warm: Any = None, progress: bool = False) -> FlowResult:
+    """:func:`flow` with a ready :class:`~flowaug.FlowConfig` (what the adapters call): prepare, integrate,
+    assemble. Nothing is mutated: ``x``, ``y``, ``reference`` and ``warm`` are read only."""
+    if not isinstance(config, FlowConfig):
+        raise TypeError(f"config must be a FlowConfig, got {describe(config)}")
+    ref, label_kind = _check_inputs(x, y, reference, config, source_stats, reference_index)
+    if isinstance(warm, dict) and not warm:  # flowaug <= 0.1 passed an empty dict for "no state yet"
+        warm = None
+    with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
+        problem = _prepare(x, y, ref, config, source_stats, reference_index, generator)
+        problem.label_kind = label_kind
+        evaluator = _Evaluator(problem, x.device)
+        path = integrate(problem.z, evaluator, _dynamics(problem, config), state=warm,
+                         snapshot_steps=config.snapshot_steps(), generator=generator, progress=progress)
+        return _assemble(path, problem, x, y, config)
+
+
+# ---------------------------------------------------------------------- prepare
+def _check_inputs(x, y, reference, config: FlowConfig, source_stats, reference_index):
+    """Every check on the tensors (the options were checked by the config); returns (Reference, label kind)."""
     _check_batch(x)
-    steps = check_int("steps", steps)
-    tau = check_real("step_size", step_size, low=0, low_open=True)
-    labels = check_choice("labels", labels, LABEL_MODES)
-    label_weight = check_real("label_weight", label_weight, low=0)
-    decode = check_choice("decode", decode, DECODERS)
-    momentum = check_real("momentum", momentum, low=0, high=1, high_open=True)
-    backend = check_choice("backend", backend, backends.BACKENDS)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if clamp is not None:
-        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
-            raise TypeError(f"clamp must be a (low, high) pair, got {describe(clamp)}")
-        lo = check_real("clamp[0]", clamp[0])
-        hi = check_real("clamp[1]", clamp[1], low=lo)
-        clamp = (lo, hi)
-    obj = as_objective(objective)
-    n = x.shape[0]
     ref = None if reference is None else Reference.coerce(reference)
     if ref is None:
-        needs = [type(t).__name__ for _, t in obj.terms() if type(t).__name__ in _NEEDS_REFERENCE]
-        if needs:
-            raise ValueError(f"reference is required by the objective terms {needs}, got None")
+        if config.objective.needs_reference:
+            raise ValueError(f"reference is required by the objective {config.objective!r}, got None")
+        if config.clamp == "auto":
+            raise ValueError("clamp='auto' means the reference's value range, but reference is None")
     else:
         check_same_device(x=x, reference=ref.features)
-        d_ref = ref.dim
-        if x[0].numel() != d_ref:
+        if x[0].numel() != ref.dim:
             raise ValueError(
                 f"x samples have {x[0].numel()} features (shape {tuple(x.shape[1:])}) but reference samples "
-                f"have {d_ref} (shape {ref.sample_shape}); they must match"
+                f"have {ref.dim} (shape {ref.sample_shape}); they must match"
             )
     check_finite_tensor("x", x)
     if ref is not None:
         _warn_on_scale_mismatch(x, ref)
     if reference_index is not None:
-        if ref is None:
-            raise ValueError("reference_index needs a reference")
-        if not isinstance(reference_index, torch.Tensor) or reference_index.ndim != 1 or reference_index.is_floating_point():
-            raise TypeError(f"reference_index must be a 1-D integer tensor, got {describe(reference_index)}")
-        if reference_index.numel() == 0 or int(reference_index.max()) >= ref.num_samples or int(reference_index.min()) < 0:
-            raise ValueError(f"reference_index must hold indices in [0, {ref.num_samples}), got {describe(reference_index)}")
+        _check_reference_index(reference_index, ref)
     label_kind = None
     if y is not None:
         check_same_device(x=x, y=y)
         k_src = None if source_stats is None else source_stats.counts.shape[0]
-        label_kind = check_labels("y", y, n, num_classes=k_src if (y.ndim == 2 or k_src) else None)
-    use_labels = y is not None and label_weight > 0 and ref is not None and ref.labels is not None
-    if labels == "flow" and not use_labels:
-        missing = "y is None" if y is None else "reference has no labels" if (ref is None or ref.labels is None) else "label_weight is 0"
+        label_kind = check_labels("y", y, x.shape[0], num_classes=k_src if (y.ndim == 2 or k_src) else None)
+    labeled = y is not None and ref is not None and ref.labels is not None
+    if config.labels == "flow" and not (labeled and config.label_weight > 0):
+        missing = "y is None" if y is None else "label_weight is 0" if labeled else "reference has no labels"
         raise ValueError(f"labels='flow' needs source labels, reference labels and label_weight > 0, but {missing}")
-    if use_labels and ref.num_classes < 2:
-        raise ValueError(
-            f"reference must have at least 2 classes for a label-aware flow, got {ref.num_classes}; "
-            "pass label_weight=0 to flow features only"
-        )
-    shots = _snapshot_steps(snapshots, steps)
-    mask = None  # class-wise flows run as one problem: (codes, ref codes, penalty, ref log-weights, labels)
-    if class_map is not None:
-        if y is None or ref is None or ref.labels is None:
-            raise ValueError("class_map needs source labels y and a labeled reference")
-        mapping = _class_mapping(class_map, x, y, ref, source_stats)
-        # One masked problem costs N x M per step, a loop over classes about N x M / K plus K calls' overhead:
-        # the masked problem wins on small batches (a FlowTransform batch), the loop on large chunks.
-        masked_cost = n * (ref.num_samples if reference_index is None else len(reference_index))
-        if not obj.class_mask or masked_cost > CLASS_LOOP_ABOVE:  # sliced, energy, or large: per class
-            return _classwise(
-                x, y, ref, mapping, labels=labels, reference_index=reference_index,
-                warm={} if warm is None else warm, progress=progress,
-                kwargs=dict(objective=obj, steps=steps, step_size=tau, momentum=momentum, clamp=clamp,
-                            backend=backend, dtype=dtype, snapshots=sorted(shots), generator=generator,
-                            track_objective=track_objective, guard=guard),
-            )
-        mask, reference_index = _class_mask(x, y, ref, mapping, reference_index)
-        use_labels = False
-
-    # ---------------------------------------------------------------- set-up (compute dtype, no autocast)
-    with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
-        feats = x.detach().reshape(n, -1).to(dtype=dtype, copy=True)  # (N, d), a copy: never alias x
-        d = feats.shape[1]
-        emb = None
-        if use_labels:
-            if source_stats is None:
-                source_stats = ClassStats(single_sample=ref.stats.single_sample).update(feats, y)
-            emb = LabelEmbedding.fit(source_stats, ref.stats)
-            part = emb.embed(y.to(feats.device), side="source").to(dtype) * label_weight  # (N, r)
-            z = torch.cat([feats, part], 1)  # (N, d + r)
-        else:
-            z = feats
-        if ref is not None:
-            z_ref, ref_half, cache = ref.prepared(emb, label_weight, dtype, reference_index)
-        else:
-            z_ref, ref_half, cache = z.new_zeros(0, z.shape[1]), z.new_zeros(0), {}
-        chosen = backends.select(backend, x.device, n, max(z_ref.shape[0], 1), z.shape[1], z.element_size())
-        ctx = Context(
-            z_ref=z_ref, ref_half=ref_half, backend=chosen, feature_dim=d, feature_shape=tuple(x.shape[1:]),
-            labels=y, cache=cache, generator=generator, ref_subset=reference_index,
-        )
-        if mask is not None:
-            ctx.codes, ctx.ref_codes = mask["codes"].to(dtype), mask["ref_codes"].to(dtype)
-            ctx.penalty, ctx.ref_log_weights = mask["penalty"], mask["ref_log_weights"].to(dtype)
-        warm = {} if warm is None else warm
-        run = _Runner(obj, ctx, warm, x.device, z_ref.shape[0])
-        moving = slice(None) if labels == "flow" else slice(0, d)
-        noise_t = obj.temperature
-        check_monotone = guard and momentum == 0 and noise_t == 0 and not obj.stochastic
-
-        # ---------------------------------------------------------------- Euler loop
-        from tqdm.auto import tqdm
-
-        value, grad = run(z)
-        values, times = [float(value)], [0.0]
-        traj, traj_t, traj_y = [], [], []
-
-        def snap(zz, t):
-            traj.append(_restore(zz, x, d))
-            traj_t.append(t)
-            if labels != "flow":
-                traj_y.append(None)
-            elif mask is not None:
-                traj_y.append(mask["labels"])
-            else:
-                traj_y.append(_decode(zz, y, emb, label_weight, d, soft_temperature)[0] if decode == "point" else None)
-
-        if 0 in shots:
-            snap(z, 0.0)
-        velocity = torch.zeros_like(z) if momentum > 0 else None
-        halvings, t_now, warned = 0, 0.0, False
-        bar = tqdm(range(steps), desc="flow", disable=not progress, leave=False)
-        for step in bar:
-            last = step == steps - 1
-            need_eval = not last or track_objective
-            while True:
-                upd = grad if velocity is None else velocity * momentum + grad
-                z_new = z.clone()
-                z_new[:, moving] -= tau * upd[:, moving]
-                if noise_t > 0:
-                    noise = torch.randn(z.shape[0], d, generator=generator, dtype=z.dtype).to(z.device)
-                    z_new[:, :d] += math.sqrt(2 * tau * noise_t) * noise
-                if clamp is not None:
-                    z_new[:, :d].clamp_(clamp[0], clamp[1])
-                if need_eval:
-                    v_new, g_new = run(z_new)
-                    finite = math.isfinite(float(v_new)) and bool(torch.isfinite(g_new).all())
-                    slack = 1e-3 * (abs(values[-1]) + abs(values[0])) + 1e-12
-                    rises = check_monotone and float(v_new) > values[-1] + slack
-                else:
-                    finite, rises = bool(torch.isfinite(z_new).all()), False
-                if finite and not rises:
-                    break
-                if not guard:
-                    raise FloatingPointError(
-                        f"the flow produced non-finite values at step {step} with guard=False; "
-                        "lower step_size or enable guard"
-                    )
-                if halvings >= MAX_HALVINGS:
-                    what = "non-finite values" if not finite else "an increasing objective"
-                    warnings.warn(
-                        f"flow stopped at step {step}: {what} after {halvings} step-size halvings "
-                        f"(step_size {tau:g}); returning the last accepted state",
-                        RuntimeWarning, stacklevel=2,
-                    )
-                    z_new = None
-                    break
-                tau /= 2
-                halvings += 1
-                if velocity is not None:
-                    velocity.zero_()
-                if not warned:
-                    what = "produced non-finite values" if not finite else "increased the objective"
-                    warnings.warn(
-                        f"the flow {what} at step {step}: halving step_size to {tau:g} "
-                        "(pass a smaller step_size to avoid this)",
-                        RuntimeWarning, stacklevel=2,
-                    )
-                    warned = True
-            if z_new is None:
-                break
-            if velocity is not None:
-                velocity = upd
-            z = z_new
-            t_now += tau
-            if need_eval:
-                value, grad = v_new, g_new
-                values.append(float(value))
-                times.append(t_now)
-            if step + 1 in shots:
-                snap(z, t_now)
-
-        # ---------------------------------------------------------------- outputs
-        out_x = _restore(z, x, d)
-        hard, soft, class_map = y, None, None
-        if mask is not None:
-            class_map = mapping
-            if labels == "flow":
-                hard = mask["labels"]
-                soft = torch.nn.functional.one_hot(hard, int(mapping.max()) + 1).float()
-        elif labels == "flow":
-            if decode == "point":
-                hard, soft = _decode(z, y, emb, label_weight, d, soft_temperature)
-            else:
-                flowed = ClassStats(single_sample="zero").update(z[:, :d], y)
-                class_map, soft_map = assign_classes(flowed, ref.stats)
-                if label_kind == "hard":
-                    hard, soft = class_map[y.long()], soft_map[y.long()]
-                else:
-                    soft = y.double() @ soft_map
-                    hard = soft.argmax(1)
-                soft = soft.float()
-        objective_values = None
-        if track_objective:
-            constant = obj.constant(ctx) if ref is not None else 0.0
-            objective_values = torch.tensor(values, dtype=torch.float64) + constant
-        return FlowResult(
-            x=out_x,
-            labels=hard,
-            soft_labels=None if soft is None else soft.to(torch.float32),
-            objective=objective_values,
-            times=torch.tensor(times, dtype=torch.float64),
-            trajectory=traj,
-            trajectory_times=traj_t,
-            trajectory_labels=traj_y,
-            step_size=tau,
-            backend=ctx.backend,
-            iterations=run.iterations,
-            class_map=class_map,
-            warm=warm,
-        )
+    if config.class_map is not None and not labeled:
+        raise ValueError("class_map needs source labels y and a labeled reference")
+    return ref, label_kind
 
 
-def _class_mapping(class_map, x, y, ref, source_stats) -> torch.Tensor:
-    """(K,) reference class of every source class, from ``"same"``, ``"ot"`` or a tensor."""
-    hard = y if y.ndim == 1 else y.argmax(1)
-    k_src = int(hard.max()) + 1
-    if isinstance(class_map, str):
-        check_choice("class_map", class_map, ("same", "ot"))
-        if class_map == "same":
-            mapping = torch.arange(k_src, device=x.device)
-        else:
-            stats = source_stats or ClassStats(single_sample=ref.stats.single_sample).update(x.reshape(len(x), -1).float(), y)
-            mapping = assign_classes(stats, ref.stats)[0].to(x.device)
-    elif isinstance(class_map, torch.Tensor) and class_map.ndim == 1 and not class_map.is_floating_point():
-        mapping = class_map.to(x.device).long()
-    else:
-        raise TypeError(f"class_map must be 'same', 'ot' or a 1-D integer tensor, got {describe(class_map)}")
-    if mapping.numel() < k_src:
-        raise ValueError(f"class_map must map {k_src} source classes, got {mapping.numel()} entries")
-    return mapping
+def _check_reference_index(index, ref) -> None:
+    if ref is None:
+        raise ValueError("reference_index needs a reference")
+    if not isinstance(index, torch.Tensor) or index.ndim != 1 or index.is_floating_point():
+        raise TypeError(f"reference_index must be a 1-D integer tensor, got {describe(index)}")
+    if index.numel() == 0 or int(index.max()) >= ref.num_samples or int(index.min()) < 0:
+        raise ValueError(f"reference_index must hold indices in [0, {ref.num_samples}), got {describe(index)}")
 
 
-#: above this many point pairs, class-wise flows loop over classes instead of one masked problem (2**21: an
-#: N x M float32 buffer of 8 MB, where the masked problem's K-fold extra work starts to outweigh K calls'
-#: overhead; reasoned, not yet measured -- a crossover benchmark should set it)
-CLASS_LOOP_ABOVE = 2**21
+@dataclass
+class _Problem:
+    """A flow ready to integrate: the points in the flow's space and the objective that moves them."""
 
-#: the class-mask penalty, in units of the reference's squared median distance: cross-class costs are
-#: then >= 1e4 times typical costs, so their kernel/plan entries are exactly 0 after the -80 clamp
-CLASS_PENALTY = 1e4
-
-
-def _class_mask(x, y, ref, mapping, reference_index):
-    """Codes and weights that make one flow equal to independent class-wise flows.
-
-    A cost penalty ``P/2 (c_i - c_j)^2`` forbids transport between different class codes; reference
-    points of class c get weight ``(n_c / N) / m_c`` so that each class carries the same mass on both
-    sides, i.e. every class flows toward its own reference class as a normalised measure.
-    """
-    hard = y if y.ndim == 1 else y.argmax(1)
-    codes = mapping[hard.long()]  # (N,) target class of every moving point
-    needed = torch.unique(codes)
-    keep = torch.isin(ref.labels, needed)
-    if reference_index is not None:
-        allowed = torch.zeros_like(keep)
-        allowed[reference_index] = True
-        keep &= allowed
-    index = torch.nonzero(keep).flatten()
-    ref_codes = ref.labels[index]
-    counts_src = torch.bincount(codes, minlength=int(needed.max()) + 1).double()
-    counts_ref = torch.bincount(ref_codes, minlength=int(needed.max()) + 1).double()
-    missing = [int(c) for c in needed if counts_ref[c] == 0]
-    if missing:
-        raise ValueError(f"reference has no samples of class {missing[0]}, paired with source classes "
-                         f"{torch.nonzero(mapping == missing[0]).flatten().tolist()}")
-    weights = (counts_src / len(codes))[ref_codes] / counts_ref[ref_codes]  # (M,) sums to 1
-    penalty = CLASS_PENALTY * ref.median_distance() ** 2
-    return {"codes": codes.double(), "ref_codes": ref_codes.double(), "penalty": penalty,
-            "ref_log_weights": weights.log(), "labels": codes}, index
+    z: torch.Tensor  # (N, D) = [features (N, d); label part (N, D - d)]
+    d: int
+    objective: Objective
+    ctx: Context
+    contexts: list  # every Context a KeOps failure must switch to dense
+    ref: Reference | None
+    emb: LabelEmbedding | None = None
+    mapping: torch.Tensor | None = None  # class-wise: (K,) reference class of each source class
+    label_kind: str | None = None
 
 
-def _classwise(x, y, ref, mapping, *, labels, reference_index, warm, progress, kwargs) -> FlowResult:
-    """One flow per source class toward its paired reference class (features only), reassembled.
-    The fallback for objectives that cannot run class-wise as one problem (see ``Objective.class_mask``)."""
-    hard = y if y.ndim == 1 else y.argmax(1)
-    allowed = None
-    if reference_index is not None:
-        allowed = torch.zeros(ref.num_samples, dtype=torch.bool, device=ref.device)
-        allowed[reference_index] = True
-    out_x = torch.empty_like(x)
-    parts, traj, traj_y = [], None, None
-    iterations, tau_end, backend = [], kwargs["step_size"], ""
-    from tqdm.auto import tqdm
+def _prepare(x, y, ref, config: FlowConfig, source_stats, reference_index, generator) -> _Problem:
+    n, dtype = x.shape[0], config.dtype
+    feats = x.detach().reshape(n, -1).to(dtype=dtype, copy=True)  # (N, d), a copy: never alias x
+    classwise = config.class_map is not None
+    emb, z = None, feats
+    if not classwise and y is not None and config.label_weight > 0 and ref is not None and ref.labels is not None:
+        stats = source_stats or ClassStats(single_sample=ref.stats.single_sample).update(feats, y)
+        emb = LabelEmbedding.fit(stats, ref.stats)
+        part = emb.embed(y.to(feats.device), side="source").to(dtype) * config.label_weight  # (N, r)
+        z = torch.cat([feats, part], 1)  # (N, d + r)
 
-    classes = torch.unique(hard).tolist()
-    for c in tqdm(classes, desc="class-wise flow", disable=not progress, leave=False):
-        idx = torch.nonzero(hard == c).flatten()
-        target = int(mapping[c])
-        in_class = ref.labels == target
-        if allowed is not None:
-            in_class &= allowed
-        ref_idx = torch.nonzero(in_class).flatten()
-        if ref_idx.numel() == 0:
-            raise ValueError(f"reference has no samples of class {target}, paired with source class {c}")
-        sub = flow(x[idx], None, ref, label_weight=0.0, reference_index=ref_idx,
-                   warm=warm.setdefault(("class", c), {}), **kwargs)
-        out_x[idx] = sub.x
-        parts.append((len(idx) / len(x), sub.objective))
-        if traj is None:
-            traj = [torch.empty_like(x) for _ in sub.trajectory]
-        for t_all, t_sub in zip(traj, sub.trajectory):
-            t_all[idx] = t_sub
-        iterations.extend(sub.iterations)
-        tau_end, backend = min(tau_end, sub.step_size), sub.backend
-    objective = None
-    if kwargs["track_objective"]:
-        length = max(len(v) for _, v in parts)
-        pad = [torch.cat([v, v[-1:].expand(length - len(v))]) for _, v in parts]
-        objective = sum(w * v for (w, _), v in zip(parts, pad))
-    new_labels = y if labels == "fixed" else mapping[hard]
-    soft = None if labels == "fixed" else torch.nn.functional.one_hot(new_labels, int(mapping.max()) + 1).float()
-    steps = kwargs["steps"]
-    times = torch.arange(steps + 1, dtype=torch.float64) * kwargs["step_size"]
-    return FlowResult(
-        x=out_x, labels=new_labels, soft_labels=soft, objective=objective,
-        times=times[: len(objective)] if objective is not None else times,
-        trajectory=traj or [], trajectory_times=[float(times[s]) for s in kwargs["snapshots"]][: len(traj or [])],
-        trajectory_labels=[None if labels == "fixed" else new_labels] * len(traj or []),
-        step_size=tau_end, backend=backend, iterations=iterations, class_map=mapping, warm=warm,
+    def select(rows: int, cols: int) -> str:
+        return backends.select(config.backend, x.device, rows, max(cols, 1), z.shape[1], z.element_size())
+
+    if ref is not None and not classwise:
+        z_ref, ref_half, cache = ref.prepared(emb, config.label_weight, dtype, reference_index)  # (M, D), (M,)
+    else:  # no reference, or class-wise: the reference terms get their own contexts per class
+        z_ref, ref_half, cache = z.new_zeros(0, z.shape[1]), z.new_zeros(0), {}
+    ctx = Context(z_ref=z_ref, ref_half=ref_half, backend=select(n, z_ref.shape[0]), feature_dim=feats.shape[1],
+                  feature_shape=tuple(x.shape[1:]), labels=y, cache=cache, generator=generator,
+                  ref_subset=reference_index)
+    problem = _Problem(z=z, d=feats.shape[1], objective=config.objective, ctx=ctx, contexts=[ctx], ref=ref, emb=emb)
+    if classwise:
+        hard = y if y.ndim == 1 else y.argmax(1)
+        problem.mapping = class_mapping(config.class_map, hard, feats, ref, source_stats,
+                                        config.class_map_tensor())
+        problem.objective = ClassWise.build(config.objective, ctx, hard, problem.mapping, ref, dtype=dtype,
+                                            reference_index=reference_index, select_backend=select)
+        problem.contexts += [g.ctx for g in problem.objective.groups]
+    return problem
+
+
+def _dynamics(problem: _Problem, config: FlowConfig) -> Dynamics:
+    obj = problem.objective
+    clamp = problem.ref.value_range() if config.clamp == "auto" else config.clamp
+    return Dynamics(
+        steps=config.steps, step_size=config.step_size,
+        moving=slice(None) if config.labels == "flow" else slice(0, problem.d), feature_dim=problem.d,
+        momentum=config.momentum, temperature=obj.temperature, clamp=clamp, guard=config.guard,
+        monotone=config.momentum == 0 and obj.temperature == 0 and not obj.stochastic,
+        track_last=config.track_objective,
     )
 
 
-def _decode(z, y, emb, weight, d, temperature):
-    hard, soft = decode_labels(z[:, d:], emb, weight, temperature)
-    return hard, soft
+class _Evaluator:
+    """Evaluates the objective; on a KeOps failure, switches every context to dense and retries once."""
 
+    def __init__(self, problem: _Problem, device: torch.device):
+        self.problem, self.device = problem, device
 
-class _Runner:
-    """Evaluates the objective; on a KeOps failure, switches the context to dense and retries once."""
-
-    def __init__(self, obj, ctx, warm, device, m):
-        self.obj, self.ctx, self.warm, self.device, self.m = obj, ctx, warm, device, m
-        self.iterations = []
-
-    def __call__(self, z):
+    def __call__(self, z: torch.Tensor, state) -> Evaluation:
+        p = self.problem
         try:
-            value, grad = self.obj.evaluate(z, self.ctx, self.warm)
+            return p.objective.evaluate(z, p.ctx, state)
         except (KeyboardInterrupt, FloatingPointError):
             raise
         except Exception as err:  # noqa: BLE001 - only KeOps failures are retried, see below
-            if self.ctx.backend != "keops":
+            if not any(c.backend == "keops" for c in p.contexts):
                 raise
             backends.disable_keops(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            self.ctx.backend = backends.select("tensorized", self.device, z.shape[0], max(self.m, 1), z.shape[1], z.element_size())
-            value, grad = self.obj.evaluate(z, self.ctx, self.warm)
-        its = _iterations(self.warm)
-        if its:
-            self.iterations.append(its)
-        return value, grad
+            for c in p.contexts:
+                if c.backend == "keops":
+                    c.backend = backends.select("tensorized", self.device, z.shape[0], max(c.z_ref.shape[0], 1),
+                                                z.shape[1], z.element_size())
+            return p.objective.evaluate(z, p.ctx, state)
 
 
-def _iterations(warm: dict):
-    if "iterations" in warm:
-        return warm["iterations"]
-    found = [v["iterations"] for v in warm.values() if isinstance(v, dict) and "iterations" in v]
-    return found[0] if len(found) == 1 else tuple(found)
+# ---------------------------------------------------------------------- assemble
+def _restore(z: torch.Tensor, like: torch.Tensor, d: int) -> torch.Tensor:
+    """(N, D) computation -> caller's shape, dtype, device and memory format."""
+    out = torch.empty_like(like)
+    out.copy_(z[:, :d].reshape(like.shape))
+    return out
+
+
+def _assemble(path: Path, problem: _Problem, x, y, config: FlowConfig) -> FlowResult:
+    """The same for joint and class-wise flows: restore shapes, decode labels, add the reference constant."""
+    hard, soft, class_map = _labels_at(path.z, problem, y, config, final=True)
+    if problem.mapping is not None:
+        class_map = problem.mapping
+    objective = None
+    if config.track_objective:
+        constant = problem.objective.constant(problem.ctx) if problem.ref is not None else 0.0
+        objective = torch.tensor(path.values, dtype=torch.float64) + constant
+    return FlowResult(
+        x=_restore(path.z, x, problem.d),
+        labels=hard,
+        soft_labels=None if soft is None else soft.to(torch.float32),
+        objective=objective,
+        times=torch.tensor(path.times, dtype=torch.float64),
+        trajectory=[_restore(zz, x, problem.d) for _, _, zz in path.snapshots],
+        trajectory_times=[t for _, t, _ in path.snapshots],
+        trajectory_labels=[_labels_at(zz, problem, y, config, final=False)[0] for _, _, zz in path.snapshots],
+        step_size=path.step_size,
+        backend=problem.ctx.backend if problem.mapping is None else problem.contexts[-1].backend,
+        iterations=path.iterations,
+        class_map=class_map,
+        warm=path.state,
+    )
+
+
+def _labels_at(z, problem: _Problem, y, config: FlowConfig, *, final: bool):
+    """(hard, soft, class map) of the points ``z``: the input labels unless labels flow. Snapshots
+    (``final=False``) get hard labels only, and none for class-level decoding (decided at the end)."""
+    if config.labels != "flow":
+        return (y if final else None), None, None
+    if problem.mapping is not None:  # class-wise: each class becomes its paired reference class
+        hard = problem.mapping[(y if y.ndim == 1 else y.argmax(1)).long()]
+        k = max(problem.ref.num_classes, int(problem.mapping.max()) + 1)
+        return hard, torch.nn.functional.one_hot(hard, k).float(), problem.mapping
+    if config.decode == "point":
+        hard, soft = decode_labels(z[:, problem.d:], problem.emb, config.label_weight, config.soft_temperature)
+        return hard, soft, None
+    if not final:
+        return None, None, None
+    flowed = ClassStats(single_sample="zero").update(z[:, :problem.d], y)
+    class_map, soft_map = assign_classes(flowed, problem.ref.stats)
+    if problem.label_kind == "hard":
+        return class_map[y.long()], soft_map[y.long()].float(), class_map
+    soft = y.double() @ soft_map
+    return soft.argmax(1), soft.float(), class_map

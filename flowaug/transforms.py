@@ -13,7 +13,6 @@ same structure with the images moved and, when labels flow, new labels. Where to
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -21,15 +20,20 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 
-from . import backends
-from ._checks import check_choice, check_int, check_real, describe
+from ._checks import check_int, check_real, describe
 from ._shared import ProcessGenerator, SharedValue, strength_property
-from .flow import DECODERS, LABEL_MODES, flow
+from .config import FlowConfig
+from .flow import run
 from .labels import ClassStats
-from .objectives import as_objective
 from .reference import Reference
 
-__all__ = ["FlowTransform", "batch_to_float", "float_to_like"]
+__all__ = ["FlowTransform", "batch_to_float", "float_to_like", "build_config"]
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
+    return value
 
 
 def batch_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -57,29 +61,43 @@ def _default_labels(inputs):
     return _find_labels_default_heuristic(inputs)
 
 
+#: FlowConfig defaults of a FlowTransform where they differ from :func:`flowaug.flow`'s (a few cheap steps per
+#: batch, clamped to the reference's range, no per-batch objective bookkeeping)
+TRANSFORM_DEFAULTS = {"steps": 5, "clamp": "auto", "track_objective": False}
+
+
+def build_config(config: FlowConfig | None, defaults: dict, options: dict, owner: str) -> FlowConfig:
+    """An adapter's config: ``config`` (or the adapter's defaults) with ``options`` applied, validated once."""
+    if config is not None and not isinstance(config, FlowConfig):
+        raise TypeError(f"config must be a FlowConfig or None, got {describe(config)}")
+    unknown = sorted(set(options) - set(FlowConfig.options()))
+    if unknown:
+        raise TypeError(f"{owner} got unknown option(s) {unknown}; flow options are {FlowConfig.options()}")
+    base = config if config is not None else FlowConfig(**defaults)
+    return base.replace(**options) if options else base
+
+
 class FlowTransform(Transform):
     """Move a batch toward a reference dataset along a Wasserstein gradient flow.
 
     Args:
         reference: the target: a :class:`~flowaug.Reference`, a ``(features, labels)`` pair, a features
             tensor, or a Dataset of (input, label) items. Prepared once (class statistics, norms, scales).
-        objective: an :class:`~flowaug.Objective` or a name (``"sinkhorn"``, ``"mmd"``, ``"sliced"``...).
-        steps: Euler steps at ``strength=1``.
-        step_size: tau per step (total flow time ``steps * step_size`` at ``strength=1``).
-        labels: ``"fixed"`` (only images move, labels unchanged) or ``"flow"`` (labels move too and come
-            back as reference classes).
-        label_weight: lambda of the OTDD label term (0: features only).
-        decode: ``"point"`` or ``"class"`` (see :func:`~flowaug.flow`).
-        class_map: class-wise flows (``"same"``, ``"ot"`` or a tensor; see :func:`~flowaug.flow`).
+        config: a :class:`~flowaug.FlowConfig` to start from (default: ``steps=5, clamp="auto",
+            track_objective=False``, the rest as :func:`~flowaug.flow`).
+        **options: any :class:`~flowaug.FlowConfig` option (``objective``, ``steps``, ``step_size``,
+            ``labels``, ``label_weight``, ``decode``, ``soft_temperature``, ``class_map``, ``momentum``,
+            ``clamp``, ``backend``, ``dtype``, ``guard``, ``track_objective``), applied over ``config``.
+            ``steps`` is the number of Euler steps at ``strength=1``; ``clamp="auto"`` is the reference's
+            value range; ``track_objective=True`` keeps the objective of every batch in
+            :attr:`last_objective` (one extra evaluation per batch), which :class:`~flowaug.FlowAnnealing`
+            logs. ``snapshots`` does not apply to a batch transform and is refused.
         soft: with ``labels="flow"``, return soft labels (B, K') instead of class ids.
-        backend: ``"auto"``, ``"tensorized"`` or ``"keops"``.
         reference_size: number of reference points drawn per batch (None: the whole reference).
         p: probability of flowing a given batch.
         strength: in [0, 1]: the fraction of the configured flow time applied (0 is the identity). This
             is what :class:`~flowaug.FlowAnnealing` moves; it lives in shared memory so DataLoader
             workers see changes.
-        clamp: ``"auto"`` (the reference's value range), a ``(low, high)`` pair, or None.
-        momentum: heavy-ball coefficient of the flow.
         seed: seed of this transform's random stream (per-batch decisions and reference samples).
         labels_getter: how to find labels in the batch: ``"default"`` (torchvision's heuristic), a
             callable, or None (unlabeled batches).
@@ -106,68 +124,53 @@ class FlowTransform(Transform):
     def __init__(
         self,
         reference,
+        config: FlowConfig | None = None,
         *,
-        objective="sinkhorn",
-        steps: int = 5,
-        step_size: float = 1.0,
-        labels: str = "fixed",
-        label_weight: float = 1.0,
-        decode: str = "point",
-        class_map=None,
         soft: bool = False,
-        backend: str = "auto",
         reference_size: int | None = None,
         p: float = 1.0,
         strength: float = 1.0,
-        clamp="auto",
-        momentum: float = 0.0,
         seed: int | None = None,
         labels_getter="default",
         source_stats: ClassStats | None = None,
         warm_start: bool = True,
+        **options,
     ):
         super().__init__()
         self.reference = Reference.coerce(reference)
-        self.objective = as_objective(objective)
-        self.steps = check_int("steps", steps)
-        self.step_size = check_real("step_size", step_size, low=0, low_open=True)
-        self.labels = check_choice("labels", labels, LABEL_MODES)
-        self.label_weight = check_real("label_weight", label_weight, low=0)
-        self.decode = check_choice("decode", decode, DECODERS)
-        if class_map is not None and not isinstance(class_map, torch.Tensor):
-            check_choice("class_map", class_map, ("same", "ot"))
-        self.class_map = class_map
-        self.soft = bool(soft)
-        self.backend = check_choice("backend", backend, backends.BACKENDS)
+        self.config = build_config(config, TRANSFORM_DEFAULTS, options, "FlowTransform")
+        if self.config.snapshots is not None:
+            raise ValueError("snapshots do not apply to FlowTransform (it returns the moved batch); use flowaug.flow "
+                             "or FlowDataset for trajectories")
+        self.soft = _check_flag("soft", soft)
         if reference_size is not None:
             reference_size = check_int("reference_size", reference_size, minimum=2)
         self.reference_size = reference_size
         self.p = check_real("p", p, low=0, high=1)
         self._strength = SharedValue(strength, "strength")
-        if isinstance(clamp, str):
-            check_choice("clamp", clamp, ("auto",))
-        elif clamp is not None:
-            if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
-                raise TypeError(f"clamp must be 'auto', None or a (low, high) pair, got {describe(clamp)}")
-            clamp = (check_real("clamp[0]", clamp[0]), check_real("clamp[1]", clamp[1], low=float(clamp[0])))
-        self.clamp = clamp
-        self.momentum = check_real("momentum", momentum, low=0, high=1, high_open=True)
         if seed is not None:
             seed = check_int("seed", seed)
         self.seed = seed
         if labels_getter != "default" and labels_getter is not None and not callable(labels_getter):
             raise ValueError(f"labels_getter must be 'default', a callable or None, got {describe(labels_getter)}")
         self.labels_getter = labels_getter
+        if source_stats is not None and not isinstance(source_stats, ClassStats):
+            raise TypeError(f"source_stats must be a ClassStats or None, got {describe(source_stats)}")
         self.source_stats = source_stats
         self._online_stats = source_stats is None
-        self.warm_start = bool(warm_start)
-        self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)  # published by FlowAnnealing
+        self.warm_start = _check_flag("warm_start", warm_start)
+        self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
         self._rng = ProcessGenerator(seed, self._epoch)
         self._warm: dict = {}
-        self.last_objective: float | None = None
+        self.last_objective: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public state
     strength = strength_property("Fraction of the configured flow applied, in [0, 1] (shared with DataLoader workers).")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the random stream for ``epoch`` (the ``DistributedSampler.set_epoch`` convention): the
+        batches of an epoch then draw the same decisions in any run, resumed or not. Shared with workers."""
+        self._epoch.set(check_int("epoch", epoch))
 
     def fit(self, data, batch_size: int = 1024) -> "FlowTransform":
         """Fit the source class statistics from a Dataset, a DataLoader of (x, y) batches or an (x, y) pair."""
@@ -209,7 +212,7 @@ class FlowTransform(Transform):
         image_pos = self._find_images(flat_inputs, labels)
         params = self.make_params(flat_inputs)
         strength = self.strength
-        if not params["apply"] or strength == 0 or self.steps == 0:
+        if not params["apply"] or strength == 0 or self.config.steps == 0:
             return inputs  # the identity, bitwise: the very same objects
         images = flat_inputs[image_pos]
         params.update(self._flow(images, labels, params, strength))
@@ -240,64 +243,45 @@ class FlowTransform(Transform):
             raise ValueError(f"images must be a batch (B, C, H, W) or (B, D), got shape {tuple(images.shape)}")
         x = batch_to_float(images.as_subclass(torch.Tensor))
         ref = self.reference.to(x.device)
-        stats = self.source_stats
-        use_labels = labels is not None and self.label_weight > 0 and ref.labels is not None
-        if use_labels and self._online_stats:
-            if self.source_stats is None:
-                self.source_stats = ClassStats(single_sample=ref.single_sample)
-            self.source_stats.update(x, labels)  # online estimate: all batches seen in this process
-            stats = self.source_stats
-        n = max(1, math.ceil(strength * self.steps - 1e-9))
-        tau = self.step_size * strength * self.steps / n
-        result = flow(
-            x, labels if use_labels else None, ref,
-            objective=self.objective, steps=n, step_size=tau, labels=self.labels if use_labels else "fixed",
-            label_weight=self.label_weight, decode=self.decode, class_map=self.class_map if use_labels else None,
-            momentum=self.momentum,
-            clamp=self._clamp_range(ref), backend=self.backend, source_stats=stats if use_labels else None,
-            reference_index=params["reference_index"],
-            generator=torch.Generator().manual_seed(params["flow_seed"]),
-            track_objective=False, warm=self._warm_state(x.device, params["reference_index"]),
+        cfg = self.config
+        use_labels = labels is not None and ref.labels is not None and (cfg.label_weight > 0 or cfg.class_map is not None)
+        stats = self.source_stats if use_labels else None
+        if use_labels and self._online_stats:  # a copy: committed only if the flow succeeds
+            stats = ClassStats(single_sample=ref.single_sample)
+            if self.source_stats is not None:
+                stats.merge(self.source_stats)
+            stats.update(x, labels)
+        n = max(1, math.ceil(strength * cfg.steps - 1e-9))
+        tau = cfg.step_size * strength * cfg.steps / n
+        run_cfg = cfg.replace(steps=n, step_size=tau, **({} if use_labels else {"labels": "fixed", "class_map": None}))
+        device_key = str(x.device)
+        result = run(
+            x, labels if use_labels else None, ref, run_cfg, source_stats=stats,
+            reference_index=params["reference_index"], generator=torch.Generator().manual_seed(params["flow_seed"]),
+            warm=self._warm.get(device_key) if self._warm_usable(params["reference_index"]) else None,
         )
-        self.last_objective = result.objective  # None unless tracked (kept cheap per batch)
+        if use_labels and self._online_stats:
+            self.source_stats = stats
+        if self._warm_usable(params["reference_index"]):
+            self._warm[device_key] = result.warm
+        self.last_objective = result.objective  # (T,) when track_objective, else None
         new_labels = labels
-        if labels is not None and use_labels and self.labels == "flow":
+        if use_labels and cfg.labels == "flow":
             if self.soft or labels.ndim == 2:
                 new_labels = result.soft_labels.to(labels.dtype if labels.is_floating_point() else torch.float32)
             else:
                 new_labels = result.labels.to(labels.dtype)
         return {"images": float_to_like(result.x, images), "labels": new_labels, "labels_in": labels}
 
-    def _warm_state(self, device, index):
-        """Solver potentials carried from batch to batch (only for the full reference: a new sample per
-        batch would make the previous potentials describe other points)."""
-        if not self.warm_start or index is not None:
-            return None
-        return self._warm.setdefault(str(device), {})
-
-    def _clamp_range(self, ref: Reference):
-        return ref.value_range() if self.clamp == "auto" else self.clamp
+    def _warm_usable(self, index) -> bool:
+        """Solver potentials carry from batch to batch only for the full reference: a new sample per batch
+        would make the previous potentials describe other points."""
+        return self.warm_start and index is None
 
     def extra_repr(self) -> str:
-        fields = [
-            f"reference={self.reference!r}",
-            f"objective={self.objective!r}",
-            f"steps={self.steps}",
-            f"step_size={self.step_size}",
-            f"labels={self.labels!r}",
-            f"label_weight={self.label_weight}",
-            f"decode={self.decode!r}",
-            f"class_map={self.class_map!r}",
-            f"soft={self.soft}",
-            f"backend={self.backend!r}",
-            f"reference_size={self.reference_size}",
-            f"p={self.p}",
-            f"strength={self.strength}",
-            f"clamp={self.clamp!r}",
-            f"momentum={self.momentum}",
-            f"seed={self.seed}",
-        ]
-        return ", ".join(fields)
+        own = f"reference={self.reference!r}, soft={self.soft}, reference_size={self.reference_size}, p={self.p}, " \
+              f"strength={self.strength}, seed={self.seed}, warm_start={self.warm_start}"
+        return f"{own}, {self.config.describe()}"
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

@@ -85,7 +85,7 @@ class TestFlowDataset:
         def no_flow(*args, **kwargs):
             raise AssertionError("the cached result should have been used")
 
-        monkeypatch.setattr(flowaug.datasets, "flow", no_flow)
+        monkeypatch.setattr(flowaug.datasets, "run", no_flow)
         second = FlowDataset(data(), reference(), steps=3, cache_dir=str(tmp_path), progress=False)
         assert second.cache_status == "loaded"
         assert all(torch.equal(first[i][0], second[i][0]) for i in range(len(first)))

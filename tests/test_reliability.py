@@ -56,7 +56,6 @@ def _flow_cases():
         ("NaN in batch", dict(x=nan, y=y, reference=(rx, ry)), ValueError, "x must be finite"),
         ("Inf in reference", dict(x=x, y=y, reference=(inf_ref, ry)), ValueError, "reference features must be finite"),
         ("empty reference", dict(x=x, y=y, reference=(rx[:0], ry[:0])), ValueError, "at least one sample"),
-        ("one-class reference", dict(x=x, y=y, reference=(rx, ry * 0)), ValueError, "at least 2 classes"),
         ("uint8 batch", dict(x=(x * 255).to(torch.uint8), y=y, reference=(rx, ry)), TypeError, "floating-point"),
         ("unknown objective", dict(x=x, y=y, reference=(rx, ry), objective="wasserstein"), ValueError, "objective must be one of"),
         ("unknown backend", dict(x=x, y=y, reference=(rx, ry), backend="gpu"), ValueError, "backend must be one of"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Context, Objective, WeightedSum
+from .base import Context, Evaluation, Objective, WeightedSum
 from .custom import Custom
 from .energies import Entropy, Interaction, Potential
 from .mmd import MMD
@@ -12,6 +12,7 @@ from .sliced import SlicedWasserstein
 __all__ = [
     "Context",
     "Custom",
+    "Evaluation",
     "Entropy",
     "Interaction",
     "MMD",

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..backends import PAIR, Workspace
 
-__all__ = ["Context", "Objective", "WeightedSum", "median_distance"]
+__all__ = ["Context", "Evaluation", "Objective", "WeightedSum", "median_distance"]
 
 
 def median_distance(z: torch.Tensor, max_points: int = 1024) -> float:
@@ -63,23 +63,11 @@ class Context:
     workspace: Workspace = field(default_factory=Workspace)
     generator: torch.Generator | None = None
     ref_subset: torch.Tensor | None = None  # indices into the full reference when z_ref is a subset
-    ref_log_weights: torch.Tensor | None = None  # (M,) log-weights of the reference points (None: uniform)
-    codes: torch.Tensor | None = None  # (N,) class codes of the moving points, for class-wise flows
-    ref_codes: torch.Tensor | None = None  # (M,) class codes of the reference points
-    penalty: float = 0.0  # cost added per unit squared code difference (confines transport to a class)
 
     def ref_weights_log(self, like: torch.Tensor) -> torch.Tensor:
-        """(M,) log-weights of the reference (uniform unless class-wise weights are set)."""
-        if self.ref_log_weights is not None:
-            return self.ref_log_weights.to(like)
+        """(M,) log-weights of the reference points (uniform)."""
         m = self.z_ref.shape[0]
         return like.new_full((m,), -math.log(m))
-
-    def _codes(self, x_side: str, y_side: str):
-        if self.codes is None:
-            return None
-        pick = {"x": self.codes, "ref": self.ref_codes}
-        return pick[x_side], pick[y_side], self.penalty
 
     def median_distance(self) -> float:
         """Median pairwise distance between reference points (on at most 1024 of them), cached.
@@ -96,30 +84,47 @@ class Context:
         points with themselves (``y is x``), or the reference with itself (``x is y is z_ref``)."""
         if y is None:
             return PAIR[self.backend](x, self.z_ref, x_half=x_half, y_half=self.ref_half, workspace=self.workspace,
-                                      tag=tag, codes=self._codes("x", "ref"))
-        side = "ref" if x is self.z_ref else "x"
+                                      tag=tag)
         return PAIR[self.backend](x, y, x_half=x_half, y_half=x_half if y is x else None, workspace=self.workspace,
-                                  tag=tag, codes=self._codes(side, side))
+                                  tag=tag)
+
+
+class Evaluation(NamedTuple):
+    """What :meth:`Objective.evaluate` returns.
+
+    Attributes:
+        value: 0-dim tensor, the objective without its reference-only constant.
+        grad: (N, D) Wasserstein gradient ``N * grad_{z_i} F``.
+        state: solver state to pass to the next evaluation toward the same reference (warm start), or
+            None. Opaque to the engine; each term defines its own type.
+        iterations: solver iterations of this evaluation (diagnostics), or None.
+    """
+
+    value: torch.Tensor
+    grad: torch.Tensor
+    state: Any = None
+    iterations: Any = None
 
 
 class Objective:
     """Base class of objective terms. Terms compose: ``Sinkhorn() + 0.1 * MMD()``.
 
     Subclasses implement :meth:`evaluate` and, when the objective has a term that depends on the
-    reference alone, :meth:`constant`. ``warm`` is a dict private to the term that persists across the
-    steps of one flow (and, through :class:`flowaug.FlowResult`, across calls), for warm starts.
+    reference alone, :meth:`constant`, and declare what they need and do with the class attributes
+    below (the engine reads only these, never class names). ``evaluate`` is reentrant: everything that
+    changes during a flow travels in the returned ``state``, never on ``self``.
     """
 
+    #: the term compares the moving points with a reference (a flow without one is refused)
+    needs_reference: bool = False
     #: temperature of the Langevin noise this term adds (only :class:`Entropy` sets it)
     temperature: float = 0.0
     #: True when the term draws random numbers (sliced projections): its value is not monotone
     stochastic: bool = False
-    #: True when class-wise flows can run as one problem for this term (cost mask + reference weights)
-    class_mask: bool = False
 
-    def evaluate(self, z: torch.Tensor, ctx: Context, warm: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the value without its reference-only constant (a 0-dim tensor) and the Wasserstein
-        gradient (N, D)."""
+    def evaluate(self, z: torch.Tensor, ctx: Context, state: Any = None) -> Evaluation:
+        """Value and Wasserstein gradient at the points ``z`` (N, D); ``state`` is what the previous
+        evaluation returned (None at a cold start)."""
         raise NotImplementedError
 
     def constant(self, ctx: Context) -> float:
@@ -146,6 +151,13 @@ class Objective:
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
 
+    # value semantics: two objectives with the same type and settings are equal (configs compare by value)
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
@@ -168,19 +180,26 @@ class WeightedSum(Objective):
         return any(t.stochastic for _, t in self._terms)
 
     @property
-    def class_mask(self) -> bool:  # type: ignore[override]
-        return all(t.class_mask for _, t in self._terms)
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return any(t.needs_reference for _, t in self._terms)
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state=None):
+        """Weighted sum of the terms' evaluations; ``state`` is the tuple of the terms' states."""
         value = z.new_zeros(())
         grad = torch.zeros_like(z)
+        states = list(state) if isinstance(state, tuple) and len(state) == len(self._terms) else [None] * len(self._terms)
+        iterations = []
         for i, (w, term) in enumerate(self._terms):
             if w == 0:
                 continue
-            v, g = term.evaluate(z, ctx, warm.setdefault(i, {}))
-            value = value + w * v
-            grad.add_(g, alpha=w)
-        return value, grad
+            ev = term.evaluate(z, ctx, states[i])
+            value = value + w * ev.value
+            grad.add_(ev.grad, alpha=w)
+            states[i] = ev.state
+            if ev.iterations is not None:
+                iterations.append(ev.iterations)
+        its = None if not iterations else iterations[0] if len(iterations) == 1 else tuple(iterations)
+        return Evaluation(value, grad, tuple(states), its)
 
     def constant(self, ctx):
         return sum(w * t.constant(ctx) for w, t in self._terms if w != 0)

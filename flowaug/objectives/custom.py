@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .base import Objective
+from .base import Evaluation, Objective
 from .energies import _finite_or_raise, _require_callable
 
 __all__ = ["Custom"]
@@ -30,12 +30,10 @@ class Custom(Objective):
         True
     """
 
-    class_mask = True  # one call on the whole batch (a class-wise loop would call it per class)
-
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
         self.fn = _require_callable("fn", fn)
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state=None):
         n, d = z.shape[0], ctx.feature_dim
         with torch.enable_grad():
             x = z[:, :d].detach().reshape(n, *ctx.feature_shape).requires_grad_(True)
@@ -47,4 +45,4 @@ class Custom(Objective):
         grad[:, :d] = gx.reshape(n, d) * n
         value = value.detach().reshape(()).to(z.dtype)
         _finite_or_raise("Custom fn", value, grad)
-        return value, grad
+        return Evaluation(value, grad)

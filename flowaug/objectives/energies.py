@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .._checks import check_real
-from .base import Objective
+from .base import Evaluation, Objective
 
 __all__ = ["Entropy", "Interaction", "Potential"]
 
@@ -48,12 +48,10 @@ class Potential(Objective):
         True
     """
 
-    class_mask = True  # per point: a class-wise flow changes nothing
-
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.fn = _require_callable("fn", fn)
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state=None):
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
             energies = self.fn(zz)
@@ -62,7 +60,7 @@ class Potential(Objective):
             (grad,) = torch.autograd.grad(energies.sum(), zz)
         value = energies.detach().mean()
         _finite_or_raise("Potential fn", value, grad)
-        return value, grad
+        return Evaluation(value, grad)
 
 
 class Interaction(Objective):
@@ -71,7 +69,7 @@ class Interaction(Objective):
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.fn = _require_callable("fn", fn)
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state=None):
         n = z.shape[0]
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
@@ -82,16 +80,14 @@ class Interaction(Objective):
             (grad,) = torch.autograd.grad(value, zz)
         grad = grad * n
         _finite_or_raise("Interaction fn", value, grad)
-        return value.detach(), grad
+        return Evaluation(value.detach(), grad)
 
 
 class Entropy(Objective):
     """Entropy at temperature ``T``: Langevin noise of variance ``2 tau T`` per step on the features."""
 
-    class_mask = True
-
     def __init__(self, temperature: float):
         self.temperature = check_real("temperature", temperature, low=0)
 
-    def evaluate(self, z, ctx, warm):
-        return z.new_zeros(()), torch.zeros_like(z)
+    def evaluate(self, z, ctx, state=None):
+        return Evaluation(z.new_zeros(()), torch.zeros_like(z))

@@ -14,20 +14,12 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_choice, check_real
-from .base import Context, Objective
+from .base import Context, Evaluation, Objective
 
 __all__ = ["MMD", "KERNELS"]
 
 KERNELS = ("gaussian", "laplacian", "energy")
 _EXP_FLOOR = -80.0  # see flowaug.backends.dense: exp below -88 takes a slow path on CPU
-
-
-def _inverse_class_mass(codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(N,) ``1 / w_c`` of each point's class, ``w_c`` the total weight of its class code."""
-    _, inverse = torch.unique(codes, return_inverse=True)
-    mass = torch.zeros(int(inverse.max()) + 1, dtype=weights.dtype, device=weights.device)
-    mass.index_add_(0, inverse, weights)
-    return 1.0 / mass[inverse]
 
 
 class _Gaussian:
@@ -112,6 +104,8 @@ class MMD(Objective):
         True
     """
 
+    needs_reference = True
+
     def __init__(self, kernel: str = "gaussian", bandwidth="auto", *, normalize: bool = True):
         self.kernel = check_choice("kernel", kernel, KERNELS)
         if bandwidth != "auto":
@@ -127,10 +121,6 @@ class MMD(Objective):
             return 1.0
         return ctx.median_distance() if self.kernel == "energy" else self.scale(ctx) ** 2
 
-    @property
-    def class_mask(self) -> bool:  # a cost penalty sends Gaussian/Laplacian kernels to 0, not the energy's
-        return self.kernel != "energy"
-
     def scale(self, ctx: Context) -> float:
         return ctx.median_distance() if self.bandwidth == "auto" else self.bandwidth
 
@@ -140,9 +130,9 @@ class MMD(Objective):
         s = self.scale(ctx)
         return _Gaussian(s) if self.kernel == "gaussian" else _Laplacian(s)
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state=None):
         kernel = self._kernel(ctx)
-        n, m = z.shape[0], ctx.z_ref.shape[0]
+        n = z.shape[0]
         a = z.new_full((n,), 1.0 / n)
         b = ctx.ref_weights_log(z).exp()
         x_half = (z * z).sum(1).mul_(0.5)
@@ -150,25 +140,17 @@ class MMD(Objective):
         k_xy, p_xy, py_xy = ctx.pair(z, x_half=x_half, tag="xy").kernel_terms(kernel, b)
         grad = z * (p_xx - p_xy)[:, None] - py_xx + py_xy  # (N, D)
         per_point = 0.5 * k_xx - k_xy  # (N,)
-        if ctx.codes is not None:
-            # Class-wise: the masked joint MMD is sum_c w_c^2 MMD_c (MMD is quadratic in the measure) while
-            # the class-wise objective is sum_c w_c MMD_c; rescale each point by 1 / w_c (w_c = n_c / N).
-            scale = _inverse_class_mass(ctx.codes, a)  # (N,)
-            per_point = per_point * scale
-            grad = grad * scale[:, None]
         unit = self.factor(ctx)
-        return (a @ per_point) * unit, grad.mul_(unit)
+        return Evaluation((a @ per_point) * unit, grad.mul_(unit))
 
     def constant(self, ctx):
         key = ("mmd.self", self.kernel, self.scale(ctx) if self.kernel != "energy" else None)
-        cacheable = ctx.ref_subset is None and ctx.ref_log_weights is None
+        cacheable = ctx.ref_subset is None
         if cacheable and key in ctx.cache:
             return ctx.cache[key]
         y = ctx.z_ref
         b = ctx.ref_weights_log(y).exp()
         k_yy, _, _ = ctx.pair(y, y, x_half=ctx.ref_half, tag="yy").kernel_terms(self._kernel(ctx), b)
-        if ctx.ref_codes is not None:
-            k_yy = k_yy * _inverse_class_mass(ctx.ref_codes, b)
         value = 0.5 * float(b @ k_yy) * self.factor(ctx)
         if cacheable:
             ctx.cache[key] = value

@@ -28,14 +28,15 @@ geomloss remains the reference implementation: the tests compare values and grad
 from __future__ import annotations
 
 import math
-import warnings
+
+from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_int, check_real
-from .base import Context, Objective
+from .._checks import check_int, check_real, warn_user
+from .base import Context, Evaluation, Objective
 
-__all__ = ["Sinkhorn", "AUTO_BLUR"]
+__all__ = ["Sinkhorn", "SinkhornState", "AUTO_BLUR"]
 
 #: ``blur="auto"`` is this fraction of the median pairwise distance between reference points.
 AUTO_BLUR = 0.2
@@ -43,6 +44,31 @@ AUTO_BLUR = 0.2
 
 def _log_uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_full((n,), -math.log(n))
+
+
+@dataclass(frozen=True)
+class SinkhornState:
+    """Dual potentials of one solve, to warm-start the next one (same blur, same point counts).
+
+    Attributes:
+        eps: the temperature they were solved at.
+        g_ab: (M,) potential of OT(a, b) on the reference points.
+        f_aa: (N,) potential of OT(a, a) on the moving points (None without debiasing).
+        warned: a non-convergence warning was already given along this flow.
+    """
+
+    eps: float
+    g_ab: torch.Tensor
+    f_aa: torch.Tensor | None = None
+    warned: bool = False
+
+    def usable(self, eps: float, n: int, m: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(g_ab, f_aa)`` where they fit a solve at ``eps`` with ``n`` moving and ``m`` reference points."""
+        if self.eps != eps:
+            return None, None
+        g = self.g_ab if self.g_ab.shape[0] == m else None
+        f = self.f_aa if self.f_aa is not None and self.f_aa.shape[0] == n else None
+        return g, f
 
 
 class Sinkhorn(Objective):
@@ -69,7 +95,7 @@ class Sinkhorn(Objective):
         True
     """
 
-    class_mask = True
+    needs_reference = True
 
     def __init__(self, blur="auto", *, debias: bool = True, tol: float = 1e-2, max_iter: int = 1000,
                  scaling: float = 0.5, warm_start: bool = True, relaxation: float = 1.8):
@@ -102,7 +128,8 @@ class Sinkhorn(Objective):
 
     # ------------------------------------------------------------------ solver
     def _solve(self, pair, eps, a_log, b_log, f, g, schedule):
-        """Alternating Sinkhorn between x (potential f) and y (potential g); returns g and iterations."""
+        """Alternating Sinkhorn between x (potential f) and y (potential g); returns g, the iterations and
+        the last change in units of eps when ``max_iter`` was hit (else None)."""
         if g is None:  # cold start: epsilon-scaling with symmetric (averaged) updates, as geomloss
             e0 = schedule[0]
             f = pair.softmin(e0, b_log)
@@ -118,10 +145,10 @@ class Sinkhorn(Objective):
         # Sinkhorn (w = 1) increases J; an over-relaxed iteration that lowers it is redone with w = 1 and
         # w is reduced. Measured on MNIST 256 x 4096 at blur 1: 33 instead of 63 iterations (same tol).
         w = self.relaxation
-        b = b_log.exp()  # (M,) reference weights (uniform unless class-wise)
+        b = b_log.exp()  # (M,) reference weights
         f = pair.softmin(eps, b_log + g / eps)
         dual = float(f.mean() + b @ g)
-        iters = 0
+        iters, unconverged = 0, None
         for iters in range(1, self.max_iter + 1):
             g_plain = pair.softmin_t(eps, a_log + f / eps)
             g_new = g_plain if w == 1 else torch.lerp(g, g_plain, w)
@@ -139,8 +166,8 @@ class Sinkhorn(Objective):
             if delta < self.tol * eps:
                 break
         else:
-            self._unconverged = delta / eps
-        return g, iters
+            unconverged = delta / eps
+        return g, iters, unconverged
 
     def _solve_self(self, pair, eps, a_log, f, schedule):
         """Symmetric OT(a, a): ``f <- (f + softmin(a_log + f / eps)) / 2`` until converged."""
@@ -157,19 +184,17 @@ class Sinkhorn(Objective):
                 break
         return f, iters
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state: SinkhornState | None = None):
         n, m = z.shape[0], ctx.z_ref.shape[0]
         eps = self.epsilon(ctx)
-        self._unconverged = None
         a_log, b_log = _log_uniform(n, z), ctx.ref_weights_log(z)
         x_half = (z * z).sum(1).mul_(0.5)  # (N,)
-        use_warm = self.warm_start and warm.get("eps") == eps
-        g = warm.get("g_ab") if use_warm and warm.get("m") == m else None
-        f_aa = warm.get("f_aa") if use_warm and warm.get("n") == n else None
+        usable = self.warm_start and isinstance(state, SinkhornState)
+        g, f_aa = state.usable(eps, n, m) if usable else (None, None)
         schedule = self._schedule(z, ctx, eps) if g is None or (self.debias and f_aa is None) else None
 
         xy = ctx.pair(z, x_half=x_half, tag="xy")
-        g, it_ab = self._solve(xy, eps, a_log, b_log, None, g, schedule)
+        g, it_ab, unconverged = self._solve(xy, eps, a_log, b_log, None, g, schedule)
         f_ba, t_ab = xy.soft_average(eps, b_log + g / eps, ctx.z_ref)  # (N,), (N, D)
         value = f_ba.mean() + b_log.exp() @ g  # <a, f_ba> + <b, g_ab>
         grad = t_ab.neg_()
@@ -180,18 +205,18 @@ class Sinkhorn(Objective):
             f_aa_ext, t_aa = xx.soft_average(eps, a_log + f_aa / eps, z)
             value = value - f_aa_ext.mean()
             grad.add_(t_aa)
-            warm["f_aa"] = f_aa_ext
+            f_aa = f_aa_ext
         else:
             grad.add_(z)  # N grad of OT(a, b) alone is x - T_ab(x)
-        warm.update(g_ab=g, eps=eps, n=n, m=m, iterations=(it_ab, it_aa))
-        if self._unconverged is not None and not warm.get("warned"):
-            warm["warned"] = True
-            warnings.warn(
+        warned = isinstance(state, SinkhornState) and state.warned
+        if unconverged is not None and not warned:
+            warned = True
+            warn_user(
                 f"Sinkhorn did not converge in max_iter={self.max_iter} iterations at blur {math.sqrt(eps):.3g} "
-                f"(last change {self._unconverged:.2g} eps, tol {self.tol:g}): values and gradients are inaccurate; "
-                "use a larger blur (e.g. 'auto') or raise max_iter", RuntimeWarning, stacklevel=4,
-            )
-        return value, grad
+                f"(last change {unconverged:.2g} eps, tol {self.tol:g}): values and gradients are inaccurate; "
+                "use a larger blur (e.g. 'auto') or raise max_iter")
+        new_state = SinkhornState(eps=eps, g_ab=g, f_aa=f_aa if self.debias else None, warned=warned)
+        return Evaluation(value, grad, new_state, (it_ab, it_aa))
 
     def constant(self, ctx):
         """``-OT_eps(b, b) / 2 = -<b, g_bb>``, solved once per reference and cached."""
@@ -199,7 +224,7 @@ class Sinkhorn(Objective):
             return 0.0
         eps = self.epsilon(ctx)
         key = ("sinkhorn.self", eps, self.tol)
-        cacheable = ctx.ref_subset is None and ctx.ref_log_weights is None
+        cacheable = ctx.ref_subset is None
         if cacheable and key in ctx.cache:
             return ctx.cache[key]
         y = ctx.z_ref

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int
-from .base import Objective
+from .base import Evaluation, Objective
 
 __all__ = ["SlicedWasserstein"]
 
@@ -37,11 +37,12 @@ class SlicedWasserstein(Objective):
     """
 
     stochastic = True
+    needs_reference = True
 
     def __init__(self, projections: int = 64):
         self.projections = check_int("projections", projections, minimum=1)
 
-    def evaluate(self, z, ctx, warm):
+    def evaluate(self, z, ctx, state=None):
         n, dim = z.shape
         m = ctx.z_ref.shape[0]
         theta = torch.randn(self.projections, dim, generator=ctx.generator, dtype=z.dtype)  # (P, D)
@@ -57,4 +58,4 @@ class SlicedWasserstein(Objective):
         diff = xp - target  # (N, P)
         value = 0.5 * (diff * diff).mean()
         grad = diff @ theta / self.projections  # (N, D)
-        return value, grad
+        return Evaluation(value, grad)
