@@ -28,7 +28,7 @@ from .objectives import (
 )
 from .datasets import FlowDataset
 from .reference import Reference
-from .transforms import FlowTransform
+from .transforms import FlowCollate, FlowTransform
 
 from ._version import __version__
 
@@ -38,6 +38,7 @@ __all__ = [
     "DenseMemoryError",
     "Entropy",
     "FlowAnnealing",
+    "FlowCollate",
     "FlowConfig",
     "FlowDataset",
     "FlowResult",

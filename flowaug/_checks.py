@@ -142,12 +142,13 @@ def check_labels(
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))  # nn.Module.__call__ sits between user and forward
 
 
 def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside flowaug (the user's line), however deep the
     library's call stack is (what ``skip_file_prefixes`` does from Python 3.12)."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn_user
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -50,18 +50,20 @@ def strength_property(doc: str) -> property:
 
 
 class ProcessGenerator:
-    """A ``torch.Generator`` private to the current process and DataLoader worker.
+    """The random stream of an adapter with a ``seed``, private to the current process and DataLoader worker.
 
     The stream is seeded from ``seed`` and where it runs:
 
-    * with an epoch published (``epoch >= 0``, set by :class:`~flowaug.FlowAnnealing`): from
-      ``(seed, worker id, epoch)``. The stream restarts at every epoch, so a run resumed from a checkpoint
-      at an epoch boundary draws exactly what the uninterrupted run drew (given the same batch order);
+    * with an epoch published (``epoch >= 0``, by ``set_epoch``, which :class:`~flowaug.FlowAnnealing`
+      calls): from ``(seed, worker id, epoch)``. The stream restarts at every epoch, so a run resumed from
+      a checkpoint at an epoch boundary draws exactly what the uninterrupted run drew (given the same batch
+      order);
     * otherwise: the main process uses ``seed``; a worker mixes in the DataLoader's per-worker seed
       (``base_seed + worker_id``, drawn anew every epoch from the main process RNG), so workers differ from
       each other and from one epoch to the next.
 
-    Without a seed, the process's ``torch.initial_seed()`` is used (what DataLoader sets per worker).
+    Without a seed, :meth:`get` returns None: draws then come from torch's global RNG (torch's and
+    torchvision's convention: ``torch.manual_seed`` repeats them, DataLoader seeds it per worker).
     """
 
     def __init__(self, seed: int | None, epoch: SharedValue | None = None):
@@ -74,13 +76,13 @@ class ProcessGenerator:
         info = torch.utils.data.get_worker_info()
         return os.getpid(), None if info is None else (info.id, info.seed), int(self.epoch.get())
 
-    def get(self) -> torch.Generator:
+    def get(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
         owner = self._identity()
         if self._gen is None or owner != self._owner:
             _, worker, epoch = owner
-            if self.seed is None:
-                seed = torch.initial_seed() if epoch < 0 else _mix(torch.initial_seed(), epoch)
-            elif epoch >= 0:
+            if epoch >= 0:
                 seed = _mix(self.seed, "main" if worker is None else worker[0], epoch)
             elif worker is None:
                 seed = self.seed

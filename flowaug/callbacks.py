@@ -6,7 +6,10 @@ a checkpoint and every DDP rank compute the same value. It is written into the t
 the epoch's DataLoader iterator (which makes workers prefetch) after ``on_train_epoch_start`` from the
 second epoch on, and after ``on_fit_start`` for the first, so each epoch's batches are flowed with that
 epoch's strength. With ``interval="step"`` workers lag by their prefetch depth
-(``num_workers * prefetch_factor`` batches); flows applied on the device (``apply_to_batches=True``) do not.
+(``num_workers * prefetch_factor`` batches, by an amount that depends on timing, so such runs are not
+reproducible and the callback warns); flows applied on the device (``apply_to_batches=True``) do not lag.
+(Deciding the strength from the batch's own index inside workers would need the sampler position of every
+batch, which DataLoader does not give a collate_fn; ``apply_to_batches`` is the reproducible way.)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import lightning.pytorch as pl
 import torch
 
-from ._checks import check_choice, check_int, check_real, describe
+from ._checks import check_choice, check_int, check_real, describe, warn_user
 from .schedules import SCHEDULES, schedule_value
 from .transforms import FlowTransform
 
@@ -168,6 +171,14 @@ class FlowAnnealing(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._resume = None  # loop counters are restored from here on
+        loader = getattr(trainer, "train_dataloader", None)
+        if self.interval == "step" and not self.apply_to_batches and getattr(loader, "num_workers", 0) > 0:
+            warn_user(
+                "FlowAnnealing(interval='step') sets strength in the main process, and DataLoader workers read it "
+                "when they prepare a batch, up to num_workers * prefetch_factor batches ahead: which strength a "
+                "batch gets depends on timing, so runs are not reproducible. Use apply_to_batches=True (the flow "
+                "runs on the device, at the step's exact strength) or interval='epoch'"
+            )
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})

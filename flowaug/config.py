@@ -58,12 +58,12 @@ class FlowConfig:
     label_weight: float = 1.0
     decode: str = "point"
     soft_temperature: float | None = None
-    class_map: str | tuple | None = None
+    class_map: str | tuple[int, ...] | torch.Tensor | None = None
     momentum: float = 0.0
-    clamp: tuple | str | None = None
+    clamp: tuple[float, float] | str | None = None
     backend: str = "auto"
     dtype: torch.dtype = torch.float32
-    snapshots: object = None
+    snapshots: int | str | tuple[int, ...] | list[int] | None = None
     guard: bool = True
     track_objective: bool = True
 

@@ -33,7 +33,7 @@ from .config import DECODERS, LABEL_MODES, FlowConfig
 from .integrate import Dynamics, Path, integrate
 from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
 from .objectives import Context, Evaluation, Objective
-from .reference import Reference
+from .reference import Reference, ReferenceLike
 
 __all__ = ["FlowResult", "flow", "run", "LABEL_MODES", "DECODERS"]
 
@@ -73,6 +73,11 @@ class FlowResult:
     warm: Any = field(default=None, repr=False)
 
 
+#: the batch may reach this fraction of the reference's value span beyond its range before the engine warns
+#: that they look like different units (normalized batch, raw reference)
+UNITS_SLACK = 0.25
+
+
 def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
     """Warn (with the fix) when batch and reference live on scales 20x apart, e.g. 0..255 vs 0..1."""
     lo, hi = ref.value_range()
@@ -86,6 +91,14 @@ def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
         warn_user(
             f"the reference reaches {ref_size:.4g} but x lies within {size:.4g}: they look like different units "
             "(pixels 0..255 vs 0..1?); scale the reference the same way as x")
+    else:
+        x_lo, x_hi = float(x.detach().amin()), float(x.detach().amax())
+        slack = UNITS_SLACK * (hi - lo)
+        if hi > lo and (x_lo < lo - slack or x_hi > hi + slack):
+            warn_user(
+                f"x lies in [{x_lo:.4g}, {x_hi:.4g}] but the reference in [{lo:.4g}, {hi:.4g}]: if x was normalized "
+                "(v2.Normalize) and the reference was not, normalize the reference the same way, or the flow will "
+                "move x toward other units")
 
 
 def _check_batch(x) -> None:
@@ -104,9 +117,9 @@ def _check_batch(x) -> None:
 def flow(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
-    reference=None,
+    reference: ReferenceLike | None = None,
     *,
-    objective="sinkhorn",
+    objective: Objective | str = "sinkhorn",
     steps: int = 10,
     step_size: float = 1.0,
     labels: str = "fixed",
@@ -114,7 +127,7 @@ def flow(
     decode: str = "point",
     soft_temperature: float | None = None,
     momentum: float = 0.0,
-    clamp: tuple[float, float] | None = None,
+    clamp: tuple[float, float] | str | None = None,
     backend: str = "auto",
     dtype: torch.dtype = torch.float32,
     snapshots=None,
@@ -125,7 +138,7 @@ def flow(
     guard: bool = True,
     warm=None,
     progress: bool = False,
-    class_map=None,
+    class_map: str | torch.Tensor | None = None,
 ) -> FlowResult:
     """Flow a batch toward a reference dataset along the Wasserstein gradient flow of ``objective``.
 
@@ -302,7 +315,11 @@ def _prepare(x, y, ref, config: FlowConfig, source_stats, reference_index, gener
 
 def _dynamics(problem: _Problem, config: FlowConfig) -> Dynamics:
     obj = problem.objective
-    clamp = problem.ref.value_range() if config.clamp == "auto" else config.clamp
+    clamp = config.clamp
+    if clamp == "auto":  # the reference's range, widened to the batch's: never moves what the flow did not
+        lo, hi = problem.ref.value_range()
+        feats = problem.z[:, :problem.d]
+        clamp = (min(lo, float(feats.min())), max(hi, float(feats.max())))
     return Dynamics(
         steps=config.steps, step_size=config.step_size,
         moving=slice(None) if config.labels == "flow" else slice(0, problem.d), feature_dim=problem.d,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Union
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ._checks import check_finite_tensor, check_labels, describe
 from .data import as_float_images, dataset_to_tensors
 from .labels import ClassStats, LabelEmbedding
 
-__all__ = ["Reference"]
+__all__ = ["Reference", "ReferenceLike"]
 
 _PREPARED_SLOTS = 4  # label embeddings kept per reference (online source statistics change per batch)
 
@@ -203,3 +204,8 @@ class Reference:
     def __repr__(self) -> str:
         classes = f", classes={self.num_classes}" if self.labels is not None else ""
         return f"Reference(samples={self.num_samples}, sample_shape={self.sample_shape}{classes})"
+
+
+#: what every ``reference`` argument accepts: a Reference, a features tensor (M, ...), a (features, labels)
+#: pair, or a map-style Dataset of (input, label) items
+ReferenceLike = Union[Reference, torch.Tensor, "tuple[torch.Tensor, torch.Tensor]", torch.utils.data.Dataset]

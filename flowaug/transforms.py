@@ -6,28 +6,32 @@ same structure with the images moved and, when labels flow, new labels. Where to
 
 * **after the DataLoader** (``for x, y in loader: x, y = t(x.cuda(), y.cuda())``, or via
   :class:`~flowaug.FlowAnnealing` on the device): the main process, the GPU, KeOps. Use this on GPU.
-* **in a collate_fn** (``collate_fn=lambda b: t(*default_collate(b))``): inside CPU workers, overlapped
-  with training. Use this for CPU dense flows; keep KeOps and CUDA out of forked workers.
+* **in a collate_fn** (``collate_fn=FlowCollate(t)``): inside CPU workers, overlapped with training. Use
+  this for CPU dense flows; keep KeOps and CUDA out of forked workers. (A class, not a lambda: it pickles
+  under the spawn and forkserver start methods, the default from Python 3.14.)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 
+#: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
+_UNALIGNED = tuple(getattr(tv_tensors, name) for name in ("Mask", "BoundingBoxes", "KeyPoints") if hasattr(tv_tensors, name))
+
 from ._checks import check_int, check_real, describe
 from ._shared import ProcessGenerator, SharedValue, strength_property
 from .config import FlowConfig
 from .flow import run
 from .labels import ClassStats
-from .reference import Reference
+from .reference import Reference, ReferenceLike
 
-__all__ = ["FlowTransform", "batch_to_float", "float_to_like", "build_config"]
+__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "build_config"]
 
 
 def _check_flag(name: str, value) -> bool:
@@ -123,7 +127,7 @@ class FlowTransform(Transform):
 
     def __init__(
         self,
-        reference,
+        reference: ReferenceLike,
         config: FlowConfig | None = None,
         *,
         soft: bool = False,
@@ -131,7 +135,7 @@ class FlowTransform(Transform):
         p: float = 1.0,
         strength: float = 1.0,
         seed: int | None = None,
-        labels_getter="default",
+        labels_getter: str | Callable[[Any], torch.Tensor | None] | None = "default",
         source_stats: ClassStats | None = None,
         warm_start: bool = True,
         **options,
@@ -162,6 +166,7 @@ class FlowTransform(Transform):
         self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
         self._rng = ProcessGenerator(seed, self._epoch)
         self._warm: dict = {}
+        self._warm_epoch = -1
         self.last_objective: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public state
@@ -173,13 +178,19 @@ class FlowTransform(Transform):
         self._epoch.set(check_int("epoch", epoch))
 
     def fit(self, data, batch_size: int = 1024) -> "FlowTransform":
-        """Fit the source class statistics from a Dataset, a DataLoader of (x, y) batches or an (x, y) pair."""
+        """Fit the source class statistics from a Dataset, a DataLoader of batches (found with
+        ``labels_getter``, like a call: tuples, dicts) or an (x, y) pair."""
         if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
             stats = ClassStats().update(batch_to_float(data[0]), data[1])
         elif isinstance(data, torch.utils.data.DataLoader):
             stats = ClassStats()
-            for batch in data:
-                stats.update(batch_to_float(batch[0]), batch[1])
+            for i, batch in enumerate(data):
+                flat, _ = tree_flatten(batch)
+                labels = self._labels_of(batch)
+                if labels is None:
+                    raise ValueError(f"fit needs labeled batches, but labels_getter found none in batch {i} "
+                                     f"({describe(batch)}); pass labels_getter=callable")
+                stats.update(batch_to_float(flat[self._find_images(flat, labels)].as_subclass(torch.Tensor)), labels)
         else:
             from .data import dataset_to_tensors
 
@@ -190,7 +201,9 @@ class FlowTransform(Transform):
 
     # ------------------------------------------------------------------ torchvision contract
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        """All randomness of one call, drawn in one place from this transform's process-local stream."""
+        """All randomness of one call, drawn in one place: from this transform's stream when it has a
+        ``seed``, else from torch's global RNG (torch's convention: ``torch.manual_seed`` makes it repeat,
+        and DataLoader seeds it per worker)."""
         gen = self._rng.get()
         apply = bool(torch.rand((), generator=gen) < self.p) if self.p < 1 else self.p > 0
         index = None
@@ -203,12 +216,7 @@ class FlowTransform(Transform):
         """Do not override: flows the batch once and maps the images and labels leaves."""
         inputs = inputs if len(inputs) > 1 else inputs[0]
         flat_inputs, spec = tree_flatten(inputs)
-        labels = None
-        if self.labels_getter is not None:
-            getter = _default_labels if self.labels_getter == "default" else self.labels_getter
-            labels = getter(inputs)
-            if labels is not None and not isinstance(labels, torch.Tensor):
-                raise TypeError(f"labels must be a torch.Tensor, got {describe(labels)}")
+        labels = self._labels_of(inputs)
         image_pos = self._find_images(flat_inputs, labels)
         params = self.make_params(flat_inputs)
         strength = self.strength
@@ -228,22 +236,56 @@ class FlowTransform(Transform):
         return params["labels"] if inpt is params["labels_in"] else params["images"]
 
     # ------------------------------------------------------------------ internals
+    def _labels_of(self, inputs):
+        """The labels tensor of a call's input (None: unlabeled). A bare tensor is a batch of images."""
+        if self.labels_getter is None or isinstance(inputs, torch.Tensor):
+            return None
+        getter = _default_labels if self.labels_getter == "default" else self.labels_getter
+        labels = getter(inputs)
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {describe(labels)}")
+        return labels
+
     @staticmethod
     def _find_images(flat_inputs, labels) -> int:
-        for i, inpt in enumerate(flat_inputs):
-            if isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)):
-                return i
-        for i, inpt in enumerate(flat_inputs):
-            if isinstance(inpt, torch.Tensor) and inpt is not labels and not isinstance(inpt, tv_tensors.TVTensor):
-                return i
-        raise TypeError("FlowTransform found no image tensor in its input; pass (images, labels) or a dict batch")
+        """Position of the image batch: a ``tv_tensors.Image``/``Video``, else the first plain tensor
+        (torchvision's convention). Refuses what would come out misaligned (masks, boxes, key points: the
+        flow moves pixels, not geometry, as MixUp refuses them) or ambiguous (two image batches)."""
+        refused = [type(t).__name__ for t in flat_inputs if isinstance(t, _UNALIGNED)]
+        if refused:
+            raise ValueError(f"FlowTransform does not support {sorted(set(refused))} in its input: the flow changes "
+                             "pixel values, so they would no longer match the images; remove them from the batch")
+        tv = [i for i, t in enumerate(flat_inputs) if isinstance(t, (tv_tensors.Image, tv_tensors.Video))]
+        plain = [i for i, t in enumerate(flat_inputs) if isinstance(t, torch.Tensor) and t is not labels
+                 and not isinstance(t, tv_tensors.TVTensor)]
+        candidates = tv or plain
+        if not candidates:
+            raise TypeError("FlowTransform found no image tensor in its input; pass images, (images, labels) or a "
+                            f"dict/tuple batch holding an image tensor, got {len(flat_inputs)} leaves of types "
+                            f"{sorted({type(t).__name__ for t in flat_inputs})}")
+        first = flat_inputs[candidates[0]]
+        alike = [i for i in candidates if flat_inputs[i].ndim >= 2 and flat_inputs[i].shape == first.shape]
+        if len(tv) > 1 or len(alike) > 1:
+            raise ValueError(f"FlowTransform found {max(len(tv), len(alike))} image batches of shape "
+                             f"{tuple(first.shape)} in its input; it flows one per call (flow the others with "
+                             "another call, or stack them into one batch)")
+        return candidates[0]
 
     def _flow(self, images: torch.Tensor, labels, params, strength: float) -> dict:
         if images.ndim < 2:
             raise ValueError(f"images must be a batch (B, C, H, W) or (B, D), got shape {tuple(images.shape)}")
+        if images[0].numel() != self.reference.dim:
+            raise ValueError(
+                f"images of shape {tuple(images.shape[1:])} have {images[0].numel()} values per sample but the "
+                f"reference's samples have shape {self.reference.sample_shape} ({self.reference.dim}); they must "
+                "match (videos: pass a reference of videos of the same shape, or flow frames as images with "
+                "video.flatten(0, 1))"
+            )
         x = batch_to_float(images.as_subclass(torch.Tensor))
         ref = self.reference.to(x.device)
         cfg = self.config
+        if cfg.class_map is not None and labels is None:
+            raise ValueError("class_map needs labels, but the batch has none (labels_getter found no labels tensor)")
         use_labels = labels is not None and ref.labels is not None and (cfg.label_weight > 0 or cfg.class_map is not None)
         stats = self.source_stats if use_labels else None
         if use_labels and self._online_stats:  # a copy: committed only if the flow succeeds
@@ -255,6 +297,9 @@ class FlowTransform(Transform):
         tau = cfg.step_size * strength * cfg.steps / n
         run_cfg = cfg.replace(steps=n, step_size=tau, **({} if use_labels else {"labels": "fixed", "class_map": None}))
         device_key = str(x.device)
+        epoch = int(self._epoch.get())
+        if epoch != self._warm_epoch:  # warm starts restart every epoch: a resumed epoch flows exactly the same
+            self._warm, self._warm_epoch = {}, epoch
         result = run(
             x, labels if use_labels else None, ref, run_cfg, source_stats=stats,
             reference_index=params["reference_index"], generator=torch.Generator().manual_seed(params["flow_seed"]),
@@ -288,3 +333,33 @@ class FlowTransform(Transform):
         state = dict(state)
         state["_warm"] = {}
         return state
+
+
+class FlowCollate:
+    """A DataLoader ``collate_fn`` that collates with ``default_collate`` (or ``collate``) and then applies a
+    :class:`FlowTransform` to the batch, inside the worker. Picklable (unlike a lambda), so it works with
+    every multiprocessing start method.
+
+    Example:
+        >>> import torch
+        >>> from flowaug import FlowCollate, FlowTransform
+        >>> ref = (torch.rand(20, 4), torch.arange(20) % 2)
+        >>> data = torch.utils.data.TensorDataset(torch.rand(8, 4), torch.arange(8) % 2)
+        >>> loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=FlowCollate(FlowTransform(ref, seed=0)))
+        >>> x, y = next(iter(loader))
+        >>> x.shape, y.tolist()
+        (torch.Size([4, 4]), [0, 1, 0, 1])
+    """
+
+    def __init__(self, transform: FlowTransform, collate=None):
+        if not callable(transform):
+            raise TypeError(f"transform must be callable (a FlowTransform), got {describe(transform)}")
+        self.transform, self.collate = transform, collate
+
+    def __call__(self, items):
+        from torch.utils.data import default_collate
+
+        return self.transform((self.collate or default_collate)(items))
+
+    def __repr__(self) -> str:
+        return f"FlowCollate({self.transform!r})"
