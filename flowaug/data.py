@@ -16,12 +16,18 @@ import torch
 from ._checks import describe
 
 __all__ = [
+    "ItemFormat",
     "as_float_images",
     "dataset_to_tensors",
     "find_data_dir",
+    "input_kind",
+    "label_kind",
     "load_npz",
     "load_dataset",
+    "read_items",
     "resize_images",
+    "restore_input",
+    "restore_label",
     "to_tensor",
 ]
 
@@ -63,13 +69,131 @@ def _label_of(item, index: int, name: str) -> torch.Tensor:
     return label
 
 
-def dataset_to_tensors(dataset, *, batch_size: int = 1024, progress: bool = True, name: str = "dataset",
-                       indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack a map-style Dataset of ``(input, label)`` items into ``(x (N, ...), y (N,) or (N, K))``.
+_DICT_INPUT_KEYS = ("image", "img", "input", "inputs", "x")
+_DICT_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
-    Inputs keep their dtype (uint8 images stay uint8); use :func:`as_float_images` to scale them.
-    Raises ``TypeError`` naming the first item that is not an (input, label) pair.
+
+class ItemFormat:
+    """Where the input and the label sit in a dataset's items, to take items apart and put flowed ones back.
+
+    ``keys`` is ``None`` or ``(input_key, label_key)``: positions in tuple/list items (default ``(0, 1)``),
+    keys of dict items (default: the first of ``"image", "img", "input", "inputs", "x"`` and of ``"label",
+    "labels", "target", "targets", "y"`` present). Keys rather than getters: a key reads the entry and
+    writes the flowed one back in place; every other entry is passed through untouched. With
+    ``pairs_only`` anything but an ``(input, label)`` pair is refused (the readers of references).
     """
+
+    def __init__(self, keys=None, *, name: str = "dataset", argument: str = "item_keys", pairs_only: bool = False):
+        if keys is not None:
+            if not isinstance(keys, (tuple, list)) or len(keys) != 2 or not all(
+                    isinstance(k, (int, str)) and not isinstance(k, bool) for k in keys) or keys[0] == keys[1]:
+                raise ValueError(f"{argument} must be None or two different keys (input_key, label_key), ints for "
+                                 f"tuple items or strings for dict items, got {describe(keys)}")
+            keys = tuple(keys)
+        self.keys, self.name, self.argument, self.pairs_only = keys, name, argument, pairs_only
+
+    def locate(self, item, index: int) -> tuple:
+        """The (input key, label key) of ``item``; raises TypeError naming the item and the argument."""
+        where = f"{self.name}[{index}]"
+        if self.pairs_only or not isinstance(item, (tuple, list, dict)):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                extra = "" if self.pairs_only else f", an (input, label, extra...) tuple or a dict (see {self.argument})"
+                raise TypeError(f"{where} must be an (input, label) pair{extra}, got {describe(item)}")
+            return 0, 1
+        if isinstance(item, dict):
+            keys = self.keys or (next((k for k in _DICT_INPUT_KEYS if k in item), None),
+                                 next((k for k in _DICT_LABEL_KEYS if k in item), None))
+            if any(k is None or k not in item for k in keys):
+                raise TypeError(f"{where} is a dict with keys {sorted(map(str, item))[:8]}: pass "
+                                f"{self.argument}=(input_key, label_key) to say where the input and the label are")
+            return keys
+        keys = self.keys or (0, 1)
+        if not all(isinstance(k, int) and -len(item) <= k < len(item) for k in keys):
+            raise TypeError(f"{where} is a {type(item).__name__} of {len(item)} entries: {self.argument} must be two "
+                            f"positions in it, got {describe(keys)}")
+        return keys[0] % len(item), keys[1] % len(item)
+
+    def split(self, item, index: int) -> tuple:
+        """``(input, label, template)``; ``template`` is None for a plain pair, else the item with the input
+        and label entries set to None (what :meth:`join` fills back)."""
+        ki, kl = self.locate(item, index)
+        if isinstance(item, dict):
+            template = dict(item)
+        elif len(item) == 2 and (ki, kl) == (0, 1) and type(item) in (tuple, list):
+            return item[0], item[1], None
+        else:
+            template = list(item)
+        template[ki], template[kl] = None, None
+        if not isinstance(item, dict):
+            template = item._make(template) if hasattr(item, "_make") else type(item)(template)
+        return item[ki], item[kl], template
+
+    def join(self, template, x, label, index: int = 0):
+        """An item in the form of ``template`` (None: a tuple pair) holding ``x`` and ``label``."""
+        if template is None:
+            return x, label
+        ki, kl = self.locate(template, index)
+        out = dict(template) if isinstance(template, dict) else list(template)
+        out[ki], out[kl] = x, label
+        if isinstance(template, dict):
+            return out
+        return template._make(out) if hasattr(template, "_make") else type(template)(out)
+
+
+def input_kind(value) -> tuple:
+    """What :func:`restore_input` needs to give a tensor back the type of ``value``."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", value.dtype, type(value)
+    if isinstance(value, np.ndarray):
+        return "numpy", value.dtype
+    if type(value).__module__.startswith("PIL."):
+        return "pil", value.mode
+    return "tensor", to_tensor(value).dtype, torch.Tensor
+
+
+def restore_input(t: torch.Tensor, kind: tuple):
+    """A (flowed) tensor as the type recorded by :func:`input_kind`: PIL image (same mode), numpy array,
+    tensor or tv_tensor of the same dtype. Always a new object (never a view of ``t``)."""
+    t = t.as_subclass(torch.Tensor)
+    if kind[0] == "pil":
+        from torchvision.transforms.v2 import functional as F
+
+        return F.to_pil_image(t.clone(), mode=kind[1])
+    if kind[0] == "numpy":
+        return t.numpy().astype(kind[1], copy=True)
+    out = t.to(kind[1], copy=True)
+    return out if kind[2] is torch.Tensor else out.as_subclass(kind[2])
+
+
+def label_kind(value) -> tuple:
+    """What :func:`restore_label` needs to give a class id back the type of ``value``."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", value.dtype, tuple(value.shape)
+    if isinstance(value, np.ndarray):
+        return "array", value.dtype, value.shape
+    if isinstance(value, np.generic):
+        return "scalar", type(value)
+    return "int", int
+
+
+def restore_label(value, kind: tuple):
+    """A class id (int or 0-d tensor) as the type recorded by :func:`label_kind`; soft-label vectors (1-D
+    tensors) are returned as they are."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.numel() != 1:
+        return value
+    value = int(value)
+    if kind[0] == "tensor":
+        return torch.tensor(value, dtype=kind[1]).reshape(kind[2])
+    if kind[0] == "array":
+        return np.array(value, dtype=kind[1]).reshape(kind[2])
+    return kind[1](value)
+
+
+def read_items(dataset, item_format: ItemFormat, *, batch_size: int = 1024, progress: bool = True,
+               indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+    """Read a map-style Dataset into ``(x (N, ...), y (N,) or (N, K), templates)``: ``templates`` is None
+    when every item is a plain pair, else one :meth:`ItemFormat.split` template per item."""
+    name = item_format.name
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError(f"{name} must be a map-style Dataset (with __len__ and __getitem__), got {type(dataset).__name__}")
     idx = list(range(len(dataset))) if indices is None else list(indices)
@@ -77,17 +201,28 @@ def dataset_to_tensors(dataset, *, batch_size: int = 1024, progress: bool = True
         raise ValueError(f"{name} must not be empty")
     from tqdm.auto import tqdm
 
-    xs, ys = [], []
+    xs, ys, templates = [], [], []
     for i in tqdm(idx, desc=f"reading {name}", disable=not progress or len(idx) < batch_size, leave=False):
-        item = dataset[i]
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"{name}[{i}] must be an (input, label) pair, got {describe(item)}")
-        xs.append(to_tensor(item[0]))
-        ys.append(_label_of(item[1], i, name))
+        inp, label, template = item_format.split(dataset[i], i)
+        xs.append(to_tensor(inp))
+        ys.append(_label_of(label, i, name))
+        templates.append(template)
     shapes = {tuple(t.shape) for t in xs}
     if len(shapes) != 1:
         raise ValueError(f"{name} inputs must all have the same shape, got {sorted(shapes)[:3]}")
-    return torch.stack(xs), torch.stack(ys)
+    return torch.stack(xs), torch.stack(ys), None if all(t is None for t in templates) else templates
+
+
+def dataset_to_tensors(dataset, *, batch_size: int = 1024, progress: bool = True, name: str = "dataset",
+                       indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a map-style Dataset of ``(input, label)`` items into ``(x (N, ...), y (N,) or (N, K))``.
+
+    Inputs keep their dtype (uint8 images stay uint8); use :func:`as_float_images` to scale them.
+    Raises ``TypeError`` naming the first item that is not an (input, label) pair.
+    """
+    x, y, _ = read_items(dataset, ItemFormat(name=name, pairs_only=True), batch_size=batch_size,
+                         progress=progress, indices=indices)
+    return x, y
 
 
 def find_data_dir(explicit: str | None = None) -> str | None:

@@ -9,7 +9,19 @@ Two modes:
   picks the flow time: features are interpolated between the two bracketing snapshots.
 * ``"online"``: items are read live (the wrapped dataset's random transforms still apply) and every
   batch is flowed when the DataLoader fetches it (``__getitems__``), through a
-  :class:`~flowaug.FlowTransform` with the same settings.
+  :class:`~flowaug.FlowTransform` with the same settings. Access one item at a time (``ds[i]``, a
+  ``ConcatDataset``, a DataLoader with ``batch_size=None``) flows that item alone, as a batch of one, with
+  a one-time warning: a single point moves toward the reference's nearby mass (its entropic barycentric
+  projection), not with a batch, so it is a different flow; serving it unflowed would be silently wrong and
+  refusing it would break the ``ConcatDataset([target, FlowDataset(source)])`` recipe.
+
+Either way items come back as the wrapped dataset gives them: PIL images as PIL images, ``tv_tensors`` as
+``tv_tensors``, int labels as ints, tensor labels as tensors, extra tuple entries and dict entries untouched
+(``item_keys`` says where the input and the label are). ``transform`` and ``target_transform`` run after the
+flow on every access, as in torchvision datasets: put random transforms there, not in the wrapped dataset,
+whose transforms precompute reads once (a RuntimeWarning says so when two reads of an item differ).
+Attributes FlowDataset does not define are read from the wrapped dataset (``.classes``, ``.targets``;
+not the label ones when labels flow, since they would no longer describe the items).
 """
 
 from __future__ import annotations
@@ -24,13 +36,13 @@ import torch
 
 from ._version import __version__
 from ._cache import read_cache, write_cache
-from ._checks import check_choice, check_int, describe
+from ._checks import check_choice, check_int, describe, warn_user
 from ._shared import SharedValue, strength_property
 from .config import FlowConfig, fingerprint
-from .data import dataset_to_tensors
+from .data import ItemFormat, _label_of, input_kind, label_kind, read_items, restore_input, restore_label, to_tensor
 from .flow import run
 from .labels import ClassStats
-from .reference import Reference
+from .reference import Reference, ReferenceLike
 from .transforms import FlowTransform, batch_to_float, build_config, float_to_like
 
 __all__ = ["FlowDataset", "MODES"]
@@ -38,6 +50,8 @@ __all__ = ["FlowDataset", "MODES"]
 MODES = ("precompute", "online")
 #: FlowConfig defaults of a FlowDataset where they differ from :func:`flowaug.flow`'s
 DATASET_DEFAULTS = {"steps": 20, "clamp": "auto", "track_objective": False}
+#: attributes of the wrapped dataset that describe its labels: not forwarded when labels flow
+LABEL_ATTRIBUTES = ("targets", "classes", "class_to_idx", "labels")
 
 
 def _digest(*arrays) -> str:
@@ -47,6 +61,15 @@ def _digest(*arrays) -> str:
         h.update(str((tuple(a.shape), str(a.dtype))).encode())
         h.update(np.ascontiguousarray(a.numpy()).tobytes())
     return h.hexdigest()
+
+
+def _same_value(a, b) -> bool:
+    """Two reads of an item entry are equal (tensors, arrays, PIL images, numbers)."""
+    try:
+        ta, tb = to_tensor(a), to_tensor(b)
+    except TypeError:
+        return a == b
+    return ta.shape == tb.shape and ta.dtype == tb.dtype and bool(torch.equal(ta, tb))
 
 
 def _distributed() -> tuple[int, int]:
@@ -61,8 +84,8 @@ class FlowDataset(torch.utils.data.Dataset):
     """A Dataset whose items are flowed toward a reference.
 
     Args:
-        dataset: map-style Dataset of ``(input, label)`` items (any transform pipeline it already has runs
-            when items are read).
+        dataset: map-style Dataset of ``(input, label)`` items, ``(input, label, extra...)`` tuples or dicts
+            (any transform pipeline it already has runs when items are read: once, in precompute).
         reference: Reference, ``(features, labels)``, tensor or Dataset (see :class:`~flowaug.Reference`).
         config: a :class:`~flowaug.FlowConfig` to start from (default: ``steps=20, clamp="auto"``).
         **options: any :class:`~flowaug.FlowConfig` option, applied over ``config`` (see
@@ -77,6 +100,13 @@ class FlowDataset(torch.utils.data.Dataset):
         cache_dir: folder of the precompute cache (None: no disk cache).
         seed: seed of the chunk shuffling and of the reference samples.
         progress: show progress bars while reading and flowing.
+        transform: callable applied to each input after the flow, on every access (torchvision's
+            ``transform``; it receives the input's own type, e.g. a PIL image). Random transforms go here.
+        target_transform: callable applied to each label after the flow, on every access.
+        item_keys: where the input and the label sit in an item: ``(input_key, label_key)``, positions in
+            tuple items (default ``(0, 1)``) or keys of dict items (default: ``"image"``/``"img"``/
+            ``"input"``/``"inputs"``/``"x"`` and ``"label"``/``"labels"``/``"target"``/``"targets"``/
+            ``"y"``). Keys, not getters: the flowed entry is written back in place; the others are untouched.
 
     Example:
         >>> import torch
@@ -94,8 +124,8 @@ class FlowDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        dataset,
-        reference,
+        dataset: torch.utils.data.Dataset,
+        reference: ReferenceLike,
         config: FlowConfig | None = None,
         *,
         mode: str = "precompute",
@@ -106,8 +136,15 @@ class FlowDataset(torch.utils.data.Dataset):
         cache_dir: str | None = None,
         seed: int = 0,
         progress: bool = True,
+        transform=None,
+        target_transform=None,
+        item_keys=None,
         **options,
     ):
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise TypeError(f"dataset must be a map-style Dataset (with __len__ and __getitem__), got the "
+                            f"IterableDataset {type(dataset).__name__}: FlowDataset serves items by index. Flow the "
+                            "batches of an iterable dataset with FlowTransform (after the DataLoader or in a collate_fn)")
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be a map-style Dataset with __len__ and __getitem__, got {type(dataset).__name__}")
         if len(dataset) == 0:
@@ -126,6 +163,15 @@ class FlowDataset(torch.utils.data.Dataset):
         self.cache_dir = cache_dir
         self.seed = check_int("seed", seed)
         self.progress = bool(progress)
+        for name, fn in (("transform", transform), ("target_transform", target_transform)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, got {describe(fn)}")
+        self.transform, self.target_transform = transform, target_transform
+        self._format = ItemFormat(item_keys, name="dataset", argument="item_keys")
+        first_input, first_label, _ = self._format.split(dataset[0], 0)
+        self._input_kind, self._label_kind = input_kind(first_input), label_kind(first_label)
+        self._templates = None  # precompute: per-item templates of non-pair items (see ItemFormat.split)
+        self._warned_single = False
         self.snapshot_steps = sorted(set(self.config.snapshot_steps()) | {0, self.config.steps})
         self.cache_status: str | None = None
         self._data = None
@@ -160,7 +206,8 @@ class FlowDataset(torch.utils.data.Dataset):
 
     def precompute(self) -> None:
         """Flow the whole dataset (or load the cached result). Called by the constructor."""
-        x, y = dataset_to_tensors(self.dataset, progress=self.progress, name="dataset")
+        self._warn_if_random()
+        x, y, self._templates = read_items(self.dataset, self._format, progress=self.progress)
         if y.ndim != 1:
             raise ValueError("precompute needs hard class labels (N,) in the wrapped dataset")
         path, key = None, None
@@ -184,6 +231,18 @@ class FlowDataset(torch.utils.data.Dataset):
             write_cache(path, key, self._data)
         if world > 1:
             torch.distributed.barrier()
+
+    def _warn_if_random(self) -> None:
+        """Precompute reads the dataset once: warn when two reads of one of its first two items differ."""
+        for i in range(min(2, len(self.dataset))):
+            a, b = (self._format.split(self.dataset[i], i) for _ in range(2))
+            same = all(_same_value(u, v) for u, v in zip(a[:2], b[:2]))
+            if not same:
+                warn_user(f"FlowDataset(mode='precompute'): the wrapped dataset looks random (two reads of item {i} "
+                          "differ). It is read once, so each item keeps one draw of its random transforms forever. "
+                          "Move them to FlowDataset(transform=..., target_transform=...), applied after the flow on "
+                          "every access, or use mode='online'.", RuntimeWarning)
+                return
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """Flow every chunk (this rank's share under DDP) and gather the snapshots."""
@@ -273,7 +332,21 @@ class FlowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         if self.mode == "online":
-            return self.dataset[index]  # single items are flowed by batch, in __getitems__
+            if not self._warned_single:
+                self._warned_single = True
+                warn_user("FlowDataset(mode='online') was read one item at a time (ds[i], a ConcatDataset, or a "
+                          "DataLoader with batch_size=None): each such item is flowed alone, as a batch of one, "
+                          "which moves it toward the reference's nearby mass, not as part of a batch flow. A "
+                          "DataLoader with a batch_size over this dataset (it calls __getitems__) flows whole "
+                          "batches; to mix it with other data, use mode='precompute' or a FlowTransform in the "
+                          "collate_fn.", UserWarning)
+            return self._flow_items([index])[0]
+        x, label = self._precomputed(index)
+        template = None if self._templates is None else self._templates[index]
+        return self._finish(template, restore_input(x, self._input_kind), restore_label(label, self._label_kind))
+
+    def _precomputed(self, index: int) -> tuple:
+        """The stored input at the current strength (interpolated between snapshots) and its label."""
         lo, hi, w = self._bracket()
         xs = self._data["x"]
         if w == 0.0:
@@ -286,22 +359,50 @@ class FlowDataset(torch.utils.data.Dataset):
             item = mixed.round().clamp(0, 255).to(torch.uint8) if xs[lo].dtype == torch.uint8 else mixed
         near = hi if w >= 0.5 else lo
         if self.soft and self.config.labels == "flow" and near == self.snapshot_steps[-1] and self._data["soft"] is not None:
-            return item, self._data["soft"][index]
-        return item, int(self._data["y"][near][index])
+            return item, self._data["soft"][index].clone()
+        return item, self._data["y"][near][index]
+
+    def _finish(self, template, x, label):
+        """The served item: ``transform``/``target_transform`` applied, in the wrapped dataset's form."""
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.target_transform is not None:
+            label = self.target_transform(label)
+        return self._format.join(template, x, label)
 
     def __getitems__(self, indices):
         """Batched fetch used by DataLoader: online mode flows the whole batch here."""
         if self.mode != "online":
             return [self[i] for i in indices]
-        items = [self.dataset[i] for i in indices]
-        from .data import to_tensor
+        return self._flow_items(indices)
 
-        x = torch.stack([to_tensor(it[0]) for it in items])
-        y = torch.as_tensor([int(it[1]) for it in items])
+    def _flow_items(self, indices) -> list:
+        """Online mode: read the items, flow them as one batch, give each back in its own form."""
+        parts = [self._format.split(self.dataset[i], i) for i in indices]
+        x = torch.stack([to_tensor(p[0]) for p in parts])
+        y = torch.stack([_label_of(p[1], i, "dataset") for p, i in zip(parts, indices)])
         fx, fy = self._transform(x, y)
-        if fy.ndim == 2:
-            return [(fx[i], fy[i]) for i in range(len(items))]
-        return [(fx[i], int(fy[i])) for i in range(len(items))]
+        out = []
+        for k, (inp, label, template) in enumerate(parts):
+            new_x = inp if fx is x else restore_input(fx[k], input_kind(inp))  # strength 0: the very objects
+            if fy is y:
+                new_label = label
+            else:
+                new_label = fy[k] if fy.ndim == 2 else restore_label(fy[k], label_kind(label))
+            out.append(self._finish(template, new_x, new_label))
+        return out
+
+    def __getattr__(self, name: str):
+        """Attributes FlowDataset does not define come from the wrapped dataset (``.classes``, ``.targets``).
+        Private names are never forwarded (nor during unpickling, before ``dataset`` is set); label
+        attributes are not forwarded when labels flow (they would describe the source's labels)."""
+        if name.startswith("_") or "dataset" not in self.__dict__:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+        config = self.__dict__.get("config")
+        if name in LABEL_ATTRIBUTES and config is not None and config.labels == "flow":
+            raise AttributeError(f"FlowDataset does not forward {name!r} of the wrapped dataset with labels='flow': "
+                                 "the served labels are decoded reference classes, not the wrapped dataset's")
+        return getattr(self.__dict__["dataset"], name)
 
     def __repr__(self) -> str:
         return (

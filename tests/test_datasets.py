@@ -6,9 +6,14 @@ import glob
 import os
 import pickle
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
+from torchvision import tv_tensors
 
 import flowaug.datasets
 from flowaug import FlowDataset
@@ -44,7 +49,8 @@ class TestFlowDataset:
 
     def test_strength_selects_snapshots(self):
         ds = data()
-        fd = FlowDataset(ds, reference(), steps=4, snapshots=[0, 2, 4], progress=False)
+        # a small step: the flow is still on its way at step 2 (clamp="auto" no longer holds it back)
+        fd = FlowDataset(ds, reference(), steps=4, step_size=0.2, snapshots=[0, 2, 4], progress=False)
         fd.strength = 0.0
         assert all(torch.equal(fd[i][0], ds[i][0]) for i in range(len(ds)))
         start = torch.stack([fd[i][0] for i in range(len(ds))])
@@ -67,7 +73,7 @@ class TestFlowDataset:
         x = torch.stack([ds[i][0] for i in range(len(ds))])
         y = torch.tensor([ds[i][1] for i in range(len(ds))])
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-        direct = flow(x[order], y[order], reference(), steps=3, clamp=fd.reference.value_range()).x
+        direct = flow(x[order], y[order], reference(), steps=3, clamp="auto").x
         served = torch.stack([fd[i][0] for i in order.tolist()])
         assert torch.allclose(served, direct, atol=1e-6)
 
@@ -132,7 +138,6 @@ class TestFlowDataset:
     def test_online_mode_flows_each_batch(self):
         ds = data(48)
         fd = FlowDataset(ds, reference(), mode="online", steps=2)
-        assert torch.equal(fd[3][0], ds[3][0])  # single items are not flowed
         batches = list(DataLoader(fd, batch_size=12))
         assert len(batches) == 4
         x = torch.cat([b[0] for b in batches])
@@ -140,3 +145,154 @@ class TestFlowDataset:
         fd.strength = 0.0
         same = torch.cat([b[0] for b in DataLoader(fd, batch_size=12)])
         assert torch.equal(same, torch.stack([ds[i][0] for i in range(48)]))
+
+
+class Items(Dataset):
+    """Items built by ``make(x, y, i)`` from tiny images (PIL, tv_tensors, dicts, 3-tuples...)."""
+
+    def __init__(self, make, n=24, **attributes):
+        self.x, self.y = tiny_images(n)
+        self.make = make
+        self.__dict__.update(attributes)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.make(self.x[i], self.y[i], i)
+
+
+def pair(x, y, i):
+    return x, int(y)
+
+
+def pil(x):
+    return Image.fromarray((x[0] * 255).round().to(torch.uint8).numpy(), mode="L")
+
+
+class TestOnlineAccessPaths:
+    """Issue 12 item 2: every access path of mode="online" serves flowed data."""
+
+    def test_single_items_are_flowed_with_one_warning(self):
+        ds = data(24)
+        fd = FlowDataset(ds, reference(), mode="online", steps=2, seed=0)
+        with pytest.warns(UserWarning, match="one item at a time") as record:
+            first, again = fd[3], fd[4]
+        assert sum("one item at a time" in str(w.message) for w in record) == 1
+        assert first[0].shape == ds[3][0].shape and not torch.equal(first[0], ds[3][0]) and first[1] == ds[3][1]
+        assert not torch.equal(again[0], ds[4][0])
+        fd.strength = 0.0
+        assert torch.equal(fd[3][0], ds[3][0])
+
+    @pytest.mark.parametrize("batch_size", [6, None])
+    def test_flowed_inside_concat_dataset(self, batch_size):
+        target, source = data(12, seed=5), data(12)
+        fd = FlowDataset(source, reference(), mode="online", steps=2, seed=0)
+        mixed = ConcatDataset([target, fd])
+        with pytest.warns(UserWarning, match="one item at a time"):
+            got = list(DataLoader(mixed, batch_size=batch_size))
+        xs = torch.cat([b[0] for b in got]) if batch_size else torch.stack([b[0] for b in got])
+        raw_target = torch.stack([target[i][0] for i in range(12)])
+        raw_source = torch.stack([source[i][0] for i in range(12)])
+        assert torch.equal(xs[:12], raw_target)
+        moved = (xs[12:] - raw_source).flatten(1).norm(dim=1)
+        assert bool((moved > 1e-3).all())  # every source item flowed
+
+
+class TestTransforms:
+    """Issue 12 item 3: transform/target_transform after the flow; a random wrapped dataset is reported."""
+
+    def test_transform_runs_after_the_flow_on_every_access(self):
+        ds = data(24)
+        noise = lambda x: x + torch.rand(x.shape)  # noqa: E731 - a random transform
+        fd = FlowDataset(ds, reference(), steps=3, progress=False, transform=noise,
+                         target_transform=lambda y: y + 10)
+        plain = FlowDataset(ds, reference(), steps=3, progress=False)
+        a, b = fd[2], fd[2]
+        assert not torch.equal(a[0], b[0])  # redrawn on every access
+        assert bool(((a[0] - plain[2][0]) >= 0).all()) and bool(((a[0] - plain[2][0]) <= 1).all())
+        assert a[1] == plain[2][1] + 10
+        online = FlowDataset(ds, reference(), mode="online", steps=2, transform=lambda x: -x,
+                             target_transform=lambda y: y + 10)
+        x, y = next(iter(DataLoader(online, batch_size=8)))
+        assert bool((x <= 0).all()) and torch.equal(y, torch.tensor([ds[i][1] + 10 for i in range(8)]))
+
+    def test_random_wrapped_dataset_warns(self):
+        x, y = tiny_images(24)
+        random_ds = TensorPairs(x, y, transform=lambda t: t + 0.01 * torch.rand(t.shape))
+        with pytest.warns(RuntimeWarning, match=r"looks random.*transform="):
+            FlowDataset(random_ds, reference(), steps=2, progress=False)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            FlowDataset(data(24), reference(), steps=2, progress=False)
+        assert not any("looks random" in str(w.message) for w in record)
+
+    def test_transform_must_be_callable(self):
+        with pytest.raises(TypeError, match="target_transform must be a callable"):
+            FlowDataset(data(), reference(), steps=2, progress=False, target_transform=3)
+
+
+class TestDropIn:
+    """Issue 12 item 4: item types, attributes, dict items, 3-tuples, iterable datasets."""
+
+    @pytest.mark.parametrize("mode", ["precompute", "online"])
+    def test_pil_items_stay_pil(self, mode):
+        ds = Items(lambda x, y, i: (pil(x), int(y)))
+        fd = FlowDataset(ds, reference(), mode=mode, steps=2, progress=False)
+        items = fd.__getitems__([0, 1, 2, 3])
+        assert all(isinstance(im, Image.Image) and im.mode == "L" and im.size == (6, 6) for im, _ in items)
+        assert all(type(label) is int for _, label in items)
+        assert any(np.asarray(items[k][0]).tolist() != np.asarray(ds[k][0]).tolist() for k in range(4))
+
+    @pytest.mark.parametrize("mode", ["precompute", "online"])
+    def test_tv_tensors_and_tensor_labels_keep_their_types(self, mode):
+        ds = Items(lambda x, y, i: (tv_tensors.Image(x), y.to(torch.int32)))
+        fd = FlowDataset(ds, reference(), mode=mode, steps=2, progress=False)
+        for x, y in fd.__getitems__([0, 1, 2, 3]):
+            assert type(x) is tv_tensors.Image and x.dtype == torch.float32 and x.shape == (1, 6, 6)
+            assert isinstance(y, torch.Tensor) and y.dtype == torch.int32 and y.shape == ()
+
+    def test_attributes_are_forwarded(self):
+        ds = Items(pair, classes=["a", "b", "c"], targets=[0, 1, 2], _secret=1)
+        fd = FlowDataset(ds, reference(), steps=2, progress=False)
+        assert fd.classes == ["a", "b", "c"] and fd.targets == [0, 1, 2]
+        with pytest.raises(AttributeError):
+            fd._secret
+        with pytest.raises(AttributeError, match="nothing_here"):
+            fd.nothing_here
+        back = pickle.loads(pickle.dumps(fd))
+        assert back.classes == ["a", "b", "c"]
+        flowing = FlowDataset(ds, reference(), steps=2, labels="flow", progress=False)
+        with pytest.raises(AttributeError, match="labels='flow'"):
+            flowing.targets
+
+    @pytest.mark.parametrize("mode", ["precompute", "online"])
+    def test_dict_items(self, mode):
+        ds = Items(lambda x, y, i: {"image": x, "label": int(y), "id": f"item{i}"})
+        fd = FlowDataset(ds, reference(), mode=mode, steps=2, progress=False)
+        items = fd.__getitems__([0, 1, 2])
+        assert [it["id"] for it in items] == ["item0", "item1", "item2"]
+        assert not torch.equal(items[0]["image"], ds[0]["image"]) and items[0]["label"] == ds[0]["label"]
+        odd = Items(lambda x, y, i: {"pixels": x, "cls": int(y)})
+        with pytest.raises(TypeError, match=r"item_keys=\(input_key, label_key\)"):
+            FlowDataset(odd, reference(), mode=mode, steps=2, progress=False)
+        keyed = FlowDataset(odd, reference(), mode=mode, steps=2, progress=False, item_keys=("pixels", "cls"))
+        assert set(keyed.__getitems__([0])[0]) == {"pixels", "cls"}
+
+    @pytest.mark.parametrize("mode", ["precompute", "online"])
+    def test_extra_tuple_entries_pass_through(self, mode):
+        ds = Items(lambda x, y, i: (x, int(y), {"index": i}))
+        fd = FlowDataset(ds, reference(), mode=mode, steps=2, progress=False)
+        x, y, extra = fd.__getitems__([5])[0]
+        assert extra == {"index": 5} and y == ds[5][1] and not torch.equal(x, ds[5][0])
+        with pytest.raises(ValueError, match="item_keys must be"):
+            FlowDataset(ds, reference(), mode=mode, steps=2, progress=False, item_keys=(0, 0))
+
+    @pytest.mark.parametrize("mode", ["precompute", "online"])
+    def test_iterable_dataset_is_refused(self, mode):
+        class Stream(IterableDataset):
+            def __iter__(self):
+                return iter(data(8))
+
+        with pytest.raises(TypeError, match="map-style Dataset.*IterableDataset Stream.*FlowTransform"):
+            FlowDataset(Stream(), reference(), mode=mode, steps=2, progress=False)
