@@ -73,8 +73,8 @@ class FlowResult:
     warm: Any = field(default=None, repr=False)
 
 
-#: the batch may reach this fraction of the reference's value span beyond its range before the engine warns
-#: that they look like different units (normalized batch, raw reference)
+#: a batch reaching below -UNITS_SLACK x (reference span) against a nonnegative reference, or above its range
+#: by a whole span, looks normalized (v2.Normalize) against a raw reference: the engine warns
 UNITS_SLACK = 0.25
 
 
@@ -93,8 +93,9 @@ def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
             "(pixels 0..255 vs 0..1?); scale the reference the same way as x")
     else:
         x_lo, x_hi = float(x.detach().amin()), float(x.detach().amax())
-        slack = UNITS_SLACK * (hi - lo)
-        if hi > lo and (x_lo < lo - slack or x_hi > hi + slack):
+        span = hi - lo
+        signs = x_lo < -UNITS_SLACK * span and lo >= 0  # negative values against a nonnegative reference
+        if span > 0 and (signs or x_hi > hi + span):
             warn_user(
                 f"x lies in [{x_lo:.4g}, {x_hi:.4g}] but the reference in [{lo:.4g}, {hi:.4g}]: if x was normalized "
                 "(v2.Normalize) and the reference was not, normalize the reference the same way, or the flow will "
