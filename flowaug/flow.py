@@ -162,7 +162,8 @@ def flow(
         momentum: heavy-ball coefficient in [0, 1).
         clamp: ``(low, high)`` to clamp the features after every step (e.g. ``(0, 1)`` for pixels), or
             ``"auto"``: the reference's value range.
-        backend: ``"auto"``, ``"tensorized"`` (dense torch) or ``"keops"``.
+        backend: ``"auto"``, ``"tensorized"`` (dense torch), ``"chunked"`` (dense arithmetic on row blocks,
+            memory bounded) or ``"keops"``.
         dtype: computation dtype, ``torch.float32`` or ``torch.float64``.
         snapshots: steps at which to keep ``x``: a list of step indices, a count of evenly spaced
             snapshots, or ``"all"``.
@@ -348,7 +349,7 @@ class _Evaluator:
             backends.disable_keops(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             for c in p.contexts:
                 if c.backend == "keops":
-                    c.backend = backends.select("tensorized", self.device, z.shape[0], max(c.z_ref.shape[0], 1),
+                    c.backend = backends.select("auto", self.device, z.shape[0], max(c.z_ref.shape[0], 1),
                                                 z.shape[1], z.element_size())
             return p.objective.evaluate(z, p.ctx, state)
 

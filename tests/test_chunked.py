@@ -94,12 +94,6 @@ def test_any_shape_and_block_matches_dense(n, m, d, block, eps, seed):
         assert close(a, b, torch.float64)
 
 
-def test_class_masks_are_refused_by_name():
-    x = torch.zeros(3, 2)
-    with pytest.raises(NotImplementedError, match="chunked"):
-        ChunkedPair(x, x, codes=(torch.zeros(3), torch.zeros(3), 1.0))
-
-
 def test_bad_block_rows_and_budget_are_named(monkeypatch):
     x = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="block_rows"):

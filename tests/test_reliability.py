@@ -118,7 +118,7 @@ class TestBadInput:
             t.strength = float("inf")
         with pytest.raises(ValueError, match="second item"):  # torchvision's labels_getter names the problem
             t(x, [0, 1])
-        with pytest.raises(ValueError, match="features"):
+        with pytest.raises(ValueError, match="values per sample"):
             t(x[:, :, :3], y)
         with pytest.raises(ValueError, match="sum to 1"):
             t(x, torch.full((12, 3), 0.9))

@@ -80,18 +80,12 @@ class ChunkedPair:
         x_half, y_half: cached ``||.||^2 / 2``.
         workspace: holds the two block buffers (shared by all chunked pairs of the workspace).
         block_rows: rows per block; default from the byte budget (:func:`chunk_rows`).
-        codes: class masks are not supported (only ``None``).
     """
 
     name = NAME
 
     def __init__(self, x, y, *, x_half=None, y_half=None, workspace: Workspace | None = None, tag: str = "xy",
-                 block_rows: int | None = None, codes=None, **_ignored):
-        if codes is not None:
-            raise NotImplementedError(
-                "backend='chunked' does not support class masks (codes); use class_map with a loop over classes "
-                "or backend='tensorized'"
-            )
+                 block_rows: int | None = None, **_ignored):
         self.x, self.y = x, y  # (N, D), (M, D)
         self._self = x is y  # the x-x / y-y problems: the cost diagonal is exactly 0
         n, m = x.shape[0], y.shape[0]

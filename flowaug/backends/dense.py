@@ -50,14 +50,11 @@ class DensePair:
         x, y: point clouds (no gradient needed: gradients are closed-form, see the objectives).
         x_half, y_half: cached ``||.||^2 / 2`` (reused across calls for the fixed reference).
         workspace: buffers to reuse; ``tag`` distinguishes pairs sharing one workspace.
-        codes: ``(codes_x (N,), codes_y (M,), penalty)``: adds ``penalty / 2 * (c_i - c_j)^2`` to the cost,
-            which confines transport to pairs of the same class code (class-wise flows in one problem).
     """
 
     name = NAME
 
-    def __init__(self, x, y, *, x_half=None, y_half=None, workspace: Workspace | None = None, tag: str = "xy",
-                 codes=None):
+    def __init__(self, x, y, *, x_half=None, y_half=None, workspace: Workspace | None = None, tag: str = "xy"):
         self.x, self.y = x, y
         ws = workspace if workspace is not None else Workspace()
         n, m = x.shape[0], y.shape[0]
@@ -69,9 +66,6 @@ class DensePair:
         cost.add_(x_half[:, None]).clamp_(min=0)
         if x is y:  # the expansion leaves float32 round-off (~1e-5 ||x||^2) where it must be exactly 0
             cost.fill_diagonal_(0)
-        if codes is not None:  # class mask: + penalty / 2 * (c_i - c_j)^2, exactly 0 within a class
-            cx, cy, penalty = codes
-            cost.add_((cx[:, None] - cy[None, :]).square_(), alpha=penalty / 2)
         self.cost = cost  # (N, M)
 
     # ---------------------------------------------------------------- Sinkhorn primitives

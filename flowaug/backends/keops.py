@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
 import threading
 
 import torch
@@ -30,7 +31,8 @@ _lock = threading.Lock()
 
 def import_keops():
     """Import ``pykeops.torch`` (quietly), honouring ``FLOWAUG_KEOPS_BUILD``; raises ImportError."""
-    import pykeops  # noqa: F401  (ImportError propagates: the caller falls back to dense)
+    with contextlib.redirect_stdout(sys.stderr):  # pykeops prints its CUDA notice on stdout at first import
+        import pykeops  # noqa: F401  (ImportError propagates: the caller falls back to dense)
 
     build = os.environ.get("FLOWAUG_KEOPS_BUILD")
     if build:
@@ -68,30 +70,23 @@ class KeOpsPair:
 
     name = NAME
 
-    def __init__(self, x, y, *, codes=None, **_ignored):
+    def __init__(self, x, y, **_ignored):
         pkt = import_keops()
         self._lt = pkt.LazyTensor
         self.x, self.y = x.contiguous(), y.contiguous()
         self._dtype = str(x.dtype)
-        self.codes = codes  # (codes_x (N,), codes_y (M,), penalty) or None, as in DensePair
 
     def _cost(self, transpose: bool = False):
         a, b = (self.y, self.x) if transpose else (self.x, self.y)
         a_i = self._lt(a[:, None, :])  # (N, 1, D)
         b_j = self._lt(b[None, :, :])  # (1, M, D)
-        cost = a_i.sqdist(b_j) / 2  # (N, M) symbolic
-        if self.codes is not None:
-            ca, cb = (self.codes[1], self.codes[0]) if transpose else (self.codes[0], self.codes[1])
-            c_i = self._lt(ca.to(a.dtype).contiguous()[:, None, None])  # (N, 1, 1)
-            c_j = self._lt(cb.to(a.dtype).contiguous()[None, :, None])  # (1, M, 1)
-            cost = cost + c_i.sqdist(c_j) * self._param(self.codes[2] / 2)
-        return cost
+        return a_i.sqdist(b_j) / 2  # (N, M) symbolic
 
     def _param(self, value: float):
         return self._lt(torch.tensor([value], dtype=self.x.dtype, device=self.x.device))
 
     def _run(self, kind: str, width: int, fn):
-        signature = (kind, self.x.shape[1], width, self._dtype, self.x.device.type, self.codes is not None)
+        signature = (kind, self.x.shape[1], width, self._dtype, self.x.device.type)
         with _first_use_lock(signature):
             return fn()
 

@@ -42,7 +42,7 @@ class Context:
     Attributes:
         z_ref: (M, D) reference points in the same (augmented) space as the moving points.
         ref_half: (M,) cached ``||z_ref||^2 / 2``.
-        backend: ``"tensorized"`` or ``"keops"`` (already resolved).
+        backend: ``"tensorized"``, ``"chunked"`` or ``"keops"`` (already resolved).
         feature_dim: d, the number of leading coordinates of ``z`` that are features; the remaining
             ``D - d`` coordinates are the label embedding.
         feature_shape: per-sample shape of the features, e.g. (1, 28, 28), for user callables.
