@@ -15,7 +15,7 @@ import torch
 
 from ._checks import check_real
 
-__all__ = ["SharedValue", "ProcessGenerator", "strength_property"]
+__all__ = ["SharedValue", "ProcessGenerator", "mix_seed", "strength_property"]
 
 
 class SharedValue:
@@ -83,11 +83,11 @@ class ProcessGenerator:
         if self._gen is None or owner != self._owner:
             _, worker, epoch = owner
             if epoch >= 0:
-                seed = _mix(self.seed, "main" if worker is None else worker[0], epoch)
+                seed = mix_seed(self.seed, "main" if worker is None else worker[0], epoch)
             elif worker is None:
                 seed = self.seed
             else:
-                seed = _mix(self.seed, worker[1])
+                seed = mix_seed(self.seed, worker[1])
             self._gen = torch.Generator().manual_seed(seed % (2**63))
             self._owner = owner
         return self._gen
@@ -96,6 +96,7 @@ class ProcessGenerator:
         return {"seed": self.seed, "epoch": self.epoch, "_gen": None, "_owner": None}
 
 
-def _mix(*parts) -> int:
+def mix_seed(*parts) -> int:
+    """A 64-bit seed from any parts (stable across processes and runs)."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")

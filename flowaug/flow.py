@@ -73,8 +73,8 @@ class FlowResult:
     warm: Any = field(default=None, repr=False)
 
 
-#: a batch reaching below -UNITS_SLACK x (reference span) against a nonnegative reference, or above its range
-#: by a whole span, looks normalized (v2.Normalize) against a raw reference: the engine warns
+#: against a reference of [0, 1] pixels, a batch reaching below -UNITS_SLACK x (reference span), or above its
+#: range by a whole span, looks normalized (v2.Normalize) against a raw reference: the engine warns
 UNITS_SLACK = 0.25
 
 
@@ -94,8 +94,8 @@ def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
     else:
         x_lo, x_hi = float(x.detach().amin()), float(x.detach().amax())
         span = hi - lo
-        signs = x_lo < -UNITS_SLACK * span and lo >= 0  # negative values against a nonnegative reference
-        if span > 0 and (signs or x_hi > hi + span):
+        pixels = 0 <= lo and hi <= 1  # the reference looks like float images in [0, 1] (ToDtype(scale=True))
+        if pixels and span > 0 and (x_lo < -UNITS_SLACK * span or x_hi > hi + span):
             warn_user(
                 f"x lies in [{x_lo:.4g}, {x_hi:.4g}] but the reference in [{lo:.4g}, {hi:.4g}]: if x was normalized "
                 "(v2.Normalize) and the reference was not, normalize the reference the same way, or the flow will "

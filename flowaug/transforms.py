@@ -21,11 +21,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 
+RESAMPLE = ("batch", "epoch")
+
 #: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
 _UNALIGNED = tuple(getattr(tv_tensors, name) for name in ("Mask", "BoundingBoxes", "KeyPoints") if hasattr(tv_tensors, name))
 
-from ._checks import check_int, check_real, describe
-from ._shared import ProcessGenerator, SharedValue, strength_property
+from ._checks import check_choice, check_int, check_real, describe
+from ._shared import ProcessGenerator, SharedValue, mix_seed, strength_property
 from .config import FlowConfig
 from .flow import run
 from .labels import ClassStats
@@ -97,7 +99,11 @@ class FlowTransform(Transform):
             :attr:`last_objective` (one extra evaluation per batch), which :class:`~flowaug.FlowAnnealing`
             logs. ``snapshots`` does not apply to a batch transform and is refused.
         soft: with ``labels="flow"``, return soft labels (B, K') instead of class ids.
-        reference_size: number of reference points drawn per batch (None: the whole reference).
+        reference_size: number of reference points drawn (None: the whole reference).
+        resample: when the ``reference_size`` sample is drawn: ``"batch"`` (a new sample every batch) or
+            ``"epoch"`` (one sample per epoch, the same in every worker when seeded; ``set_epoch`` draws the
+            next). ``"epoch"`` keeps the solver's warm start valid from batch to batch, which makes per-batch
+            flows several times cheaper (``benchmarks/speed.py --sections overhead``).
         p: probability of flowing a given batch.
         strength: in [0, 1]: the fraction of the configured flow time applied (0 is the identity). This
             is what :class:`~flowaug.FlowAnnealing` moves; it lives in shared memory so DataLoader
@@ -132,6 +138,7 @@ class FlowTransform(Transform):
         *,
         soft: bool = False,
         reference_size: int | None = None,
+        resample: str = "batch",
         p: float = 1.0,
         strength: float = 1.0,
         seed: int | None = None,
@@ -150,6 +157,7 @@ class FlowTransform(Transform):
         if reference_size is not None:
             reference_size = check_int("reference_size", reference_size, minimum=2)
         self.reference_size = reference_size
+        self.resample = check_choice("resample", resample, RESAMPLE)
         self.p = check_real("p", p, low=0, high=1)
         self._strength = SharedValue(strength, "strength")
         if seed is not None:
@@ -167,6 +175,7 @@ class FlowTransform(Transform):
         self._rng = ProcessGenerator(seed, self._epoch)
         self._warm: dict = {}
         self._warm_epoch = -1
+        self._sample: tuple[int, torch.Tensor] | None = None  # (epoch, index) of resample="epoch"
         self.last_objective: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public state
@@ -208,7 +217,8 @@ class FlowTransform(Transform):
         apply = bool(torch.rand((), generator=gen) < self.p) if self.p < 1 else self.p > 0
         index = None
         if self.reference_size is not None and self.reference_size < self.reference.num_samples:
-            index = torch.randperm(self.reference.num_samples, generator=gen)[: self.reference_size]
+            index = self._epoch_sample() if self.resample == "epoch" else \
+                torch.randperm(self.reference.num_samples, generator=gen)[: self.reference_size]
         flow_seed = int(torch.randint(0, 2**62, (), generator=gen))
         return {"apply": apply, "reference_index": index, "flow_seed": flow_seed}
 
@@ -319,19 +329,33 @@ class FlowTransform(Transform):
         return {"images": float_to_like(result.x, images), "labels": new_labels, "labels_in": labels}
 
     def _warm_usable(self, index) -> bool:
-        """Solver potentials carry from batch to batch only for the full reference: a new sample per batch
-        would make the previous potentials describe other points."""
-        return self.warm_start and index is None
+        """Solver potentials carry from batch to batch only when the reference points stay the same (the
+        whole reference, or one sample per epoch): potentials of another sample describe other points."""
+        return self.warm_start and (index is None or self.resample == "epoch")
+
+    def _epoch_sample(self) -> torch.Tensor:
+        """The reference sample of the current epoch in this process (drawn at its first batch)."""
+        epoch = int(self._epoch.get())
+        if self._sample is None or self._sample[0] != epoch:
+            m = self.reference.num_samples
+            if self.seed is None:  # torch's global RNG, as every other draw without a seed
+                index = torch.randperm(m)[: self.reference_size]
+            else:  # from (seed, epoch) alone: every worker uses the same sample
+                gen = torch.Generator().manual_seed(mix_seed(self.seed, "reference sample", epoch) % (2**63))
+                index = torch.randperm(m, generator=gen)[: self.reference_size]
+            self._sample = (epoch, index)
+        return self._sample[1]
 
     def extra_repr(self) -> str:
-        own = f"reference={self.reference!r}, soft={self.soft}, reference_size={self.reference_size}, p={self.p}, " \
+        own = f"reference={self.reference!r}, soft={self.soft}, reference_size={self.reference_size}, " \
+              f"resample={self.resample!r}, p={self.p}, " \
               f"strength={self.strength}, seed={self.seed}, warm_start={self.warm_start}"
         return f"{own}, {self.config.describe()}"
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state["_warm"] = {}
+        state["_warm"], state["_sample"] = {}, None  # derived per process
         return state
 
 

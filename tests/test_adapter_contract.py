@@ -157,3 +157,30 @@ class TestTypes:
 
         assert importlib.resources.files("flowaug").joinpath("py.typed").is_file()
         assert {"FlowAnnealing", "FlowCollate", "FlowConfig"} <= set(dir(flowaug))
+
+
+class TestResample:
+    def test_one_reference_sample_per_epoch(self):
+        t = FlowTransform(reference(), steps=1, seed=0, reference_size=10, resample="epoch")
+        x, y = tiny_images(4)
+        t.set_epoch(0)
+        samples = [t.make_params([x])["reference_index"] for _ in range(3)]
+        assert all(torch.equal(s, samples[0]) for s in samples) and len(samples[0]) == 10
+        t.set_epoch(1)
+        other = t.make_params([x])["reference_index"]
+        assert not torch.equal(other, samples[0])
+        t.set_epoch(0)
+        assert torch.equal(t.make_params([x])["reference_index"], samples[0])  # a function of (seed, epoch)
+
+    def test_per_epoch_sample_keeps_warm_starts(self):
+        x, y = tiny_images(8)
+        t = FlowTransform(reference(), steps=1, seed=0, reference_size=10, resample="epoch")
+        t(x[:4], y[:4])
+        assert t._warm  # the solver state was kept for the next batch
+        u = FlowTransform(reference(), steps=1, seed=0, reference_size=10)
+        u(x[:4], y[:4])
+        assert not u._warm  # a new sample per batch: potentials would describe other points
+
+    def test_bad_resample_is_named(self):
+        with pytest.raises(ValueError, match="resample"):
+            FlowTransform(reference(), resample="step")

@@ -59,3 +59,46 @@ class TestSelect:
     def test_unknown_backend_is_named(self):
         with pytest.raises(ValueError, match="backend must be one of"):
             flowaug.flow(torch.zeros(3, 2), reference=torch.ones(3, 2), backend="cuda")
+
+
+class TestDenseKernelCache:
+    """DensePair reuses exp(h0 - C / eps) across calls while h drifts less than its span limit; every call must
+    still equal the log-domain reduction, whatever the drift (small: cached; large: rebuilt)."""
+
+    @staticmethod
+    def reference(cost, eps, h, dim):
+        scores = h[None, :] - cost / eps if dim == 1 else h[:, None] - cost / eps
+        return -eps * torch.logsumexp(scores.double(), dim=dim)
+
+    @pytest.mark.parametrize("drift", [0.0, 0.5, 5.0, 80.0])
+    def test_softmins_equal_the_log_domain_along_a_drift(self, drift):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(50, 3, generator=g), torch.randn(70, 3, generator=g) * 2
+        pair = backends.DensePair(x, y)
+        eps = 0.3
+        hy, hx = torch.randn(70, generator=g), torch.randn(50, generator=g)
+        for step in range(6):  # h moves a little each call, as along Sinkhorn iterations
+            hy_t = hy + drift * step * torch.linspace(-1, 1, 70)
+            hx_t = hx + drift * step * torch.linspace(1, -1, 50)
+            assert torch.allclose(pair.softmin(eps, hy_t).double(), self.reference(pair.cost, eps, hy_t, 1),
+                                  rtol=1e-4, atol=1e-4)
+            assert torch.allclose(pair.softmin_t(eps, hx_t).double(), self.reference(pair.cost, eps, hx_t, 0),
+                                  rtol=1e-4, atol=1e-4)
+            f, avg = pair.soft_average(eps, hy_t, y)
+            weights = torch.softmax((hy_t[None, :] - pair.cost / eps).double(), dim=1)
+            assert torch.allclose(avg.double(), weights @ y.double(), atol=1e-4)
+            assert torch.allclose(f.double(), self.reference(pair.cost, eps, hy_t, 1), rtol=1e-4, atol=1e-4)
+
+    def test_kernel_is_reused_while_h_drifts_little_and_rebuilt_beyond(self):
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(20, 2, generator=g), torch.randn(30, 2, generator=g)
+        pair = backends.DensePair(x, y)
+        h = torch.zeros(30)
+        pair.softmin(0.5, h)
+        first = pair._row_kernel[2]
+        pair.softmin(0.5, h + 0.1 * torch.arange(30.0) / 30)
+        assert pair._row_kernel[2] is first  # reused
+        pair.softmin(0.5, h + 100 * torch.arange(30.0) / 30)
+        assert pair._row_kernel[2] is not first  # rebuilt at the new h
+        pair.softmin(0.25, h)
+        assert pair._row_kernel[0] == 0.25  # another eps: rebuilt

@@ -103,8 +103,9 @@ def available_memory(device: torch.device) -> int:
 
 
 def dense_bytes(n: int, m: int, itemsize: int = 4) -> int:
-    """Peak bytes of the dense buffers of one flow step: cost and score matrices for x-y and x-x."""
-    return 2 * (n * m + n * n) * itemsize
+    """Peak bytes of the dense buffers of one flow step: cost, row-kernel and column-kernel matrices for x-y,
+    cost and row kernel for x-x."""
+    return (3 * n * m + 2 * n * n) * itemsize
 
 
 def select(name: str, device: torch.device, n: int, m: int, dim: int, itemsize: int = 4) -> str:

@@ -19,6 +19,7 @@ __all__ = ["DensePair", "Workspace", "NAME"]
 
 NAME = "tensorized"
 _EXP_FLOOR = -80.0
+_SPAN_LIMIT = 40.0  # nats of drift of h from the kernel's h0 before the kernel is rebuilt (see DensePair)
 
 
 class Workspace:
@@ -58,7 +59,9 @@ class DensePair:
         self.x, self.y = x, y
         ws = workspace if workspace is not None else Workspace()
         n, m = x.shape[0], y.shape[0]
-        self._scores = ws.get(tag + ".scores", (n, m), x)  # (N, M)
+        self._scores = ws.get(tag + ".scores", (n, m), x)  # (N, M): the row kernel, or scratch for kernels
+        self._ws, self._tag = ws, tag  # the column kernel's buffer is taken on first use (x-x pairs never do)
+        self._row_kernel = self._col_kernel = None  # (eps, K, h0, m) of the last build
         cost = ws.get(tag + ".cost", (n, m), x)  # (N, M)
         x_half = half_sqnorms(x) if x_half is None else x_half  # (N,)
         y_half = half_sqnorms(y) if y_half is None else y_half  # (M,)
@@ -69,36 +72,67 @@ class DensePair:
         self.cost = cost  # (N, M)
 
     # ---------------------------------------------------------------- Sinkhorn primitives
-    def _scores_rows(self, eps: float, h: torch.Tensor) -> torch.Tensor:
-        """S_ij = h_j - C_ij / eps, shifted by the row maximum and clamped; returns (S, max)."""
-        s = torch.add(h[None, :], self.cost, alpha=-1.0 / eps, out=self._scores)  # (N, M)
-        top = s.amax(1, keepdim=True)  # (N, 1)
-        s.sub_(top).clamp_(min=_EXP_FLOOR)
-        return s, top.squeeze(1)
+    # A Sinkhorn solve calls softmin / softmin_t dozens of times with the same cost and eps and slowly
+    # changing h. The log-domain pass costs six sweeps over the N x M scores (add, max, subtract, clamp, exp,
+    # sum); instead the pair keeps K_ij = exp(h0_j - C_ij / eps - m_i) for a reference h0 (m_i: the row
+    # maximum, so every row of K peaks at 1) and evaluates
+    #     sum_j exp(h_j - C_ij / eps) = exp(m_i + s) sum_j K_ij exp(h_j - h0_j - s),   s = max_j (h_j - h0_j),
+    # one matrix-vector product. Exact up to round-off while the terms that matter stay representable: the
+    # row's dominant term is at least exp(-(span of h - h0)) of the K_ij = 1 term, so while that span stays
+    # below _SPAN_LIMIT nats no term above 1e-8 of the row sum underflows; beyond it, K is rebuilt at the new
+    # h (one log-domain pass, what every call cost before). Measured: see benchmarks/README.md (overhead).
+    def _kernel(self, eps: float, h: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(K, h0, m)`` for reductions over columns (``rows=True``: softmin) or over rows (softmin_t)."""
+        cache = self._row_kernel if rows else self._col_kernel
+        if cache is not None and cache[0] == eps:
+            shift = h - cache[2]
+            if float(shift.max() - shift.min()) < _SPAN_LIMIT:
+                return cache[1], cache[2], cache[3]
+        buf = self._scores if rows else self._ws.get(self._tag + ".scores_t", self.cost.shape, self.cost)
+        if rows:
+            s = torch.add(h[None, :], self.cost, alpha=-1.0 / eps, out=buf)  # (N, M)
+            top = s.amax(1, keepdim=True)  # (N, 1)
+        else:
+            s = torch.add(h[:, None], self.cost, alpha=-1.0 / eps, out=buf)  # (N, M)
+            top = s.amax(0, keepdim=True)  # (1, M)
+        s.sub_(top).clamp_(min=_EXP_FLOOR).exp_()
+        entry = (eps, s, h.clone(), top.flatten())
+        if rows:
+            self._row_kernel = entry
+        else:
+            self._col_kernel = entry
+        return entry[1], entry[2], entry[3]
+
+    def _log_sum(self, eps: float, h: torch.Tensor, rows: bool, values: torch.Tensor | None = None):
+        """``log sum exp(h - C / eps)`` along the reduced axis, and the soft average of ``values`` (rows only)."""
+        k, h0, top = self._kernel(eps, h, rows)
+        shift = h - h0
+        s = shift.max()
+        w = (shift - s).exp_()  # (M,) or (N,), in (0, 1]
+        if rows:
+            total = k @ w  # (N,)
+            avg = None if values is None else (k @ (w[:, None] * values)).div_(total[:, None])  # (N, k)
+        else:
+            total, avg = w @ k, None  # (M,)
+        return total.log_().add_(top).add_(s), avg
 
     def softmin(self, eps: float, h: torch.Tensor) -> torch.Tensor:
         """(M,) log-weights + potentials/eps -> (N,) ``-eps log sum_j exp(h_j - C_ij / eps)``."""
-        s, top = self._scores_rows(eps, h)
-        return (s.exp_().sum(1).log_() + top).mul_(-eps)
+        return self._log_sum(eps, h, rows=True)[0].mul_(-eps)
 
     def softmin_t(self, eps: float, h: torch.Tensor) -> torch.Tensor:
         """(N,) -> (M,) ``-eps log sum_i exp(h_i - C_ij / eps)`` (the transposed C-transform)."""
-        s = torch.add(h[:, None], self.cost, alpha=-1.0 / eps, out=self._scores)  # (N, M)
-        top = s.amax(0, keepdim=True)  # (1, M)
-        s.sub_(top).clamp_(min=_EXP_FLOOR)
-        return (s.exp_().sum(0).log_() + top.squeeze(0)).mul_(-eps)
+        return self._log_sum(eps, h, rows=False)[0].mul_(-eps)
 
     def soft_average(self, eps: float, h: torch.Tensor, values: torch.Tensor):
-        """Softmin (N,) and ``sum_j softmax_j(h_j - C_ij / eps) values_j`` (N, k) from one pass."""
-        s, top = self._scores_rows(eps, h)
-        s.exp_()
-        total = s.sum(1)  # (N,)
-        avg = (s @ values).div_(total[:, None])  # (N, k)
-        return (total.log() + top).mul_(-eps), avg
+        """Softmin (N,) and ``sum_j softmax_j(h_j - C_ij / eps) values_j`` (N, k) from the same kernel."""
+        lse, avg = self._log_sum(eps, h, rows=True, values=values)
+        return lse.mul_(-eps), avg
 
     # ---------------------------------------------------------------- kernel primitives
     def kernel_terms(self, kernel, w: torch.Tensor):
         """For MMD: with ``k_ij = k(x_i, y_j)`` and ``grad_x k(x_i, y_j) = phi_ij (x_i - y_j)``, returns
         ``sum_j w_j k_ij`` (N,), ``sum_j w_j phi_ij`` (N,) and ``sum_j w_j phi_ij y_j`` (N, D).
-        Consumes the pair: its cost matrix is overwritten."""
+        Consumes the pair: its cost matrix and kernels are overwritten."""
+        self._row_kernel = self._col_kernel = None
         return kernel.dense_terms(self.cost, self._scores, w, self.y)
