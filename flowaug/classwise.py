@@ -104,7 +104,8 @@ class ClassWise(Objective):
 
     def evaluate(self, z, ctx, state=None):
         value, grad = z.new_zeros(()), torch.zeros_like(z)  # (), (N, D)
-        states = state if isinstance(state, tuple) and len(state) == len(self._terms_list) else (None,) * len(self._terms_list)
+        k = len(self._terms_list)
+        states = state if isinstance(state, tuple) and len(state) == k else (None,) * k
         new_states, iterations = [], []
         for (w, term), term_state in zip(self._terms_list, states):
             if w == 0:
@@ -127,7 +128,8 @@ class ClassWise(Objective):
                 if any(i is not None for i in its):
                     iterations.append(tuple(its))
             new_states.append(s)
-        return Evaluation(value, grad, tuple(new_states), iterations[0] if len(iterations) == 1 else tuple(iterations) or None)
+        its = iterations[0] if len(iterations) == 1 else tuple(iterations) or None
+        return Evaluation(value, grad, tuple(new_states), its)
 
     def constant(self, ctx) -> float:
         total = 0.0
