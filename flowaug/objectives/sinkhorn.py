@@ -19,7 +19,11 @@ step with a reference that never changes and points that move a little, so this 
 * warm starts: the potentials of the previous step start the next solve at the target temperature;
 * a convergence test (``max |g_new - g_old| < tol * eps``) instead of a fixed iteration count, so the
   gradient is accurate whatever the blur (geomloss's default schedule gives gradients with cosine 0.36 to
-  the converged one at blur 0.05 on MNIST).
+  the converged one at blur 0.05 on MNIST);
+* Anderson acceleration of the iterations at the target temperature (safeguarded by the dual objective),
+  which is where a cold start at a sharp blur spends its time: at blur 0.5 on MNIST (256 x 4096, d = 784)
+  the epsilon-scaling levels take 7 iterations, the x-x self term 1, the x-y solve at the target
+  temperature 148 with over-relaxation and 50 with Anderson (``benchmarks/speed.py --sections coldstart``).
 
 geomloss remains the reference implementation: the tests compare values and gradients with
 ``SamplesLoss("sinkhorn", debias=True)``.
@@ -33,17 +37,41 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_int, check_real, warn_user
+from .._checks import check_choice, check_int, check_real, warn_user
 from .base import Context, Evaluation, Objective
 
 __all__ = ["Sinkhorn", "SinkhornState", "AUTO_BLUR"]
 
 #: ``blur="auto"`` is this fraction of the median pairwise distance between reference points.
 AUTO_BLUR = 0.2
+#: how the iterations at the target temperature are accelerated (``Sinkhorn(acceleration=...)``)
+ACCELERATIONS = ("anderson", "relaxation")
+#: past iterates mixed by Anderson acceleration (5 and 10 measured the same on MNIST at blur 0.5)
+ANDERSON_DEPTH = 5
 
 
 def _log_uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_full((n,), -math.log(n))
+
+
+def _anderson_mix(past_g: list[torch.Tensor], past_r: list[torch.Tensor]) -> torch.Tensor | None:
+    """Anderson (type II) extrapolation from iterates ``T(g_k)`` and residuals ``r_k = T(g_k) - g_k``
+    (oldest first): ``T(g_last) - dG gamma`` with ``gamma`` the least-squares fit of ``r_last`` by the
+    residual differences ``dR`` (Tikhonov-regularised normal equations). None with one iterate or when the
+    fit is singular or not finite."""
+    if len(past_r) < 2:
+        return None
+    big_g, big_r = torch.stack(past_g, 1), torch.stack(past_r, 1)  # (M, k + 1)
+    d_g, d_r = big_g.diff(dim=1), big_r.diff(dim=1)  # (M, k)
+    normal = d_r.T @ d_r  # (k, k)
+    normal.diagonal().add_(1e-10 * float(normal.diagonal().max()) + 1e-300)
+    try:
+        gamma = torch.linalg.solve(normal, d_r.T @ big_r[:, -1])  # (k,)
+    except RuntimeError:  # torch.linalg.LinAlgError derives from it
+        return None
+    if not bool(torch.isfinite(gamma).all()):
+        return None
+    return big_g[:, -1] - d_g @ gamma
 
 
 @dataclass(frozen=True)
@@ -85,6 +113,11 @@ class Sinkhorn(Objective):
         max_iter: iteration cap per solve (a warning reports solves that hit it).
         scaling: blur ratio between epsilon-scaling levels for a cold start (geomloss's ``scaling``).
         warm_start: start each solve from the previous step's potentials.
+        acceleration: ``"anderson"`` (default): Anderson acceleration of the x-y iterations over the last
+            ``ANDERSON_DEPTH`` iterates, an extrapolation kept only where it does not lower the dual
+            objective; ``"relaxation"``: over-relaxation with weight ``relaxation``
+            (``Sinkhorn(acceleration="relaxation", scaling=0.5)`` is the solver before Anderson
+            acceleration, kept for comparison).
 
     Example:
         >>> import torch, flowaug
@@ -98,7 +131,8 @@ class Sinkhorn(Objective):
     needs_reference = True
 
     def __init__(self, blur="auto", *, debias: bool = True, tol: float = 1e-2, max_iter: int = 1000,
-                 scaling: float = 0.5, warm_start: bool = True, relaxation: float = 1.8):
+                 scaling: float = 0.7, warm_start: bool = True, relaxation: float = 1.8,
+                 acceleration: str = "anderson"):
         if blur != "auto":
             blur = check_real("blur", blur, low=0, low_open=True)
         self.blur = blur
@@ -108,6 +142,7 @@ class Sinkhorn(Objective):
         self.scaling = check_real("scaling", scaling, low=0, high=1, low_open=True, high_open=True)
         self.warm_start = bool(warm_start)
         self.relaxation = check_real("relaxation", relaxation, low=1, high=2, high_open=True)
+        self.acceleration = check_choice("acceleration", acceleration, ACCELERATIONS)
 
     # ------------------------------------------------------------------ scales
     def epsilon(self, ctx: Context) -> float:
@@ -128,8 +163,10 @@ class Sinkhorn(Objective):
 
     # ------------------------------------------------------------------ solver
     def _solve(self, pair, eps, a_log, b_log, f, g, schedule):
-        """Alternating Sinkhorn between x (potential f) and y (potential g); returns g, the iterations and
-        the last change in units of eps when ``max_iter`` was hit (else None)."""
+        """Alternating Sinkhorn between x (potential f) and y (potential g); returns g, the iterations
+        (epsilon-scaling levels included) and the last change in units of eps when ``max_iter`` was hit
+        (else None)."""
+        levels = 0
         if g is None:  # cold start: epsilon-scaling with symmetric (averaged) updates, as geomloss
             e0 = schedule[0]
             f = pair.softmin(e0, b_log)
@@ -138,6 +175,50 @@ class Sinkhorn(Objective):
                 ft = pair.softmin(e, b_log + g / e)
                 gt = pair.softmin_t(e, a_log + f / e)
                 f, g = (f + ft) / 2, (g + gt) / 2
+            levels = len(schedule)
+        iterate = self._iterate_anderson if self.acceleration == "anderson" else self._iterate_relaxed
+        g, iters, unconverged = iterate(pair, eps, a_log, b_log, g)
+        return g, levels + iters, unconverged
+
+    def _iterate_anderson(self, pair, eps, a_log, b_log, g):
+        """Sinkhorn at ``eps`` as a fixed point ``g = T(g)`` (T: the two half-iterations), accelerated by
+        Anderson mixing (type II) of the last ``ANDERSON_DEPTH`` iterates. A mixed iterate must not lower the
+        semi-dual objective ``D(g) = <a, softmin(g)> + <b, g>``, which every plain iteration increases;
+        one that does is replaced by the plain iterate and the history restarts. Convergence: the plain
+        step ``max |T(g) - g| < tol * eps`` (the same test as unaccelerated Sinkhorn). Measured on MNIST
+        256 x 4096 from the same cold start: 50 iterations instead of 148 (over-relaxation) at blur 0.5,
+        735 instead of 1,447 at blur 0.1, at equal gradient accuracy."""
+        b = b_log.exp()  # (M,) reference weights
+        f = pair.softmin(eps, b_log + g / eps)  # (N,)
+        dual = float(f.mean() + b @ g)
+        past_g: list[torch.Tensor] = []  # T(g_k), in the mixing precision
+        past_r: list[torch.Tensor] = []  # T(g_k) - g_k
+        mix_dtype = torch.float64 if g.device.type != "mps" else g.dtype
+        delta = math.inf
+        for iters in range(1, self.max_iter + 1):
+            g_plain = pair.softmin_t(eps, a_log + f / eps)  # T(g), (M,)
+            residual = g_plain - g
+            delta = float(residual.abs().max())
+            if delta < self.tol * eps:
+                return g_plain, iters, None
+            past_g.append(g_plain.to(mix_dtype))
+            past_r.append(residual.to(mix_dtype))
+            if len(past_r) > ANDERSON_DEPTH + 1:
+                del past_g[0], past_r[0]
+            g_new = _anderson_mix(past_g, past_r)
+            g_new = g_plain if g_new is None else g_new.to(g.dtype)
+            f_new = pair.softmin(eps, b_log + g_new / eps)
+            dual_new = float(f_new.mean() + b @ g_new)
+            if g_new is not g_plain and not dual_new >= dual - 1e-5 * abs(dual):  # beyond float32 noise (or NaN)
+                del past_g[:-1], past_r[:-1]
+                g_new = g_plain
+                f_new = pair.softmin(eps, b_log + g_new / eps)
+                dual_new = float(f_new.mean() + b @ g_new)
+            g, f, dual = g_new, f_new, dual_new
+        return g, self.max_iter, delta / eps
+
+    def _iterate_relaxed(self, pair, eps, a_log, b_log, g):
+        """Over-relaxed Sinkhorn at ``eps`` (``acceleration="relaxation"``)."""
         # Over-relaxed Sinkhorn (Thibault et al. 2017): both potentials are relaxed with weight w, and
         # every iteration must increase the dual objective
         #     J(f, g) = <a, f> + <b, g> - eps (<a x b, exp((f + g - C) / eps)> - 1),
