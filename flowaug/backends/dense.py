@@ -19,7 +19,13 @@ __all__ = ["DensePair", "Workspace", "NAME"]
 
 NAME = "tensorized"
 _EXP_FLOOR = -80.0
-_SPAN_LIMIT = 40.0  # nats of drift of h from the kernel's h0 before the kernel is rebuilt (see DensePair)
+# The cached kernel (see DensePair) and its weights stay clear of float32 denormals, whose arithmetic runs a
+# slow path on x86 (a product K_ij * w_j below 1e-38 made each matrix-vector product 10x slower): kernel
+# entries are floored at exp(-50), weights exp(h - h0 - max) are >= exp(-_SPAN_LIMIT), so products stay above
+# exp(-70). The floor overstates entries below it by at most M exp(-50 + _SPAN_LIMIT) of the row sum, which
+# is at least exp(-_SPAN_LIMIT): a relative error below 1e-9 for M up to 10^4.
+_SPAN_LIMIT = 20.0  # nats of drift of h from the kernel's h0 before the kernel is rebuilt
+_KERNEL_FLOOR = -50.0
 
 
 class Workspace:
@@ -79,8 +85,8 @@ class DensePair:
     #     sum_j exp(h_j - C_ij / eps) = exp(m_i + s) sum_j K_ij exp(h_j - h0_j - s),   s = max_j (h_j - h0_j),
     # one matrix-vector product. Exact up to round-off while the terms that matter stay representable: the
     # row's dominant term is at least exp(-(span of h - h0)) of the K_ij = 1 term, so while that span stays
-    # below _SPAN_LIMIT nats no term above 1e-8 of the row sum underflows; beyond it, K is rebuilt at the new
-    # h (one log-domain pass, what every call cost before). Measured: see benchmarks/README.md (overhead).
+    # below _SPAN_LIMIT nats the floor below keeps it exact to ~1e-9; beyond it, K is rebuilt at the new h (one
+    # log-domain pass, what every call cost before). Measured: see benchmarks/README.md (overhead).
     def _kernel(self, eps: float, h: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(K, h0, m)`` for reductions over columns (``rows=True``: softmin) or over rows (softmin_t)."""
         cache = self._row_kernel if rows else self._col_kernel
@@ -95,7 +101,7 @@ class DensePair:
         else:
             s = torch.add(h[:, None], self.cost, alpha=-1.0 / eps, out=buf)  # (N, M)
             top = s.amax(0, keepdim=True)  # (1, M)
-        s.sub_(top).clamp_(min=_EXP_FLOOR).exp_()
+        s.sub_(top).clamp_(min=_KERNEL_FLOOR).exp_()
         entry = (eps, s, h.clone(), top.flatten())
         if rows:
             self._row_kernel = entry
