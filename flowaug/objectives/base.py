@@ -153,7 +153,14 @@ class Objective:
 
     # value semantics: two objectives with the same type and settings are equal (configs compare by value)
     def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
+        if self is other:
+            return True
+        if type(self) is not type(other):
+            return False
+        try:
+            return bool(vars(self) == vars(other))
+        except (RuntimeError, ValueError, TypeError):  # attributes without a plain == (tensors): by identity
+            return False
 
     def __hash__(self) -> int:
         return hash(type(self))
