@@ -157,16 +157,15 @@ def floor_time(objective: str, r: dict, iters) -> float:
 def flowaug_steps(x, ref, objective, bandwidth, backend, repeats):
     """Steady state of a flow: every call is one step, warm-started from the previous one."""
     obj = flowaug.Sinkhorn(blur=BLUR) if objective == "sinkhorn" else flowaug.MMD("gaussian", bandwidth=bandwidth)
-    warm: dict = {}
-    state = {"x": x}
+    state = {"x": x, "warm": None}
     record = {}
 
     def one():
         out = flowaug.flow(state["x"], reference=ref, objective=obj, steps=1, step_size=TAU, backend=backend,
-                           warm=warm, track_objective=False, guard=False)
+                           warm=state["warm"], track_objective=False, guard=False)
         record.update(x_before=state["x"], x_after=out.x, iters=out.iterations[-1] if out.iterations else None,
                       backend=out.backend)
-        state["x"] = out.x
+        state["x"], state["warm"] = out.x, out.warm  # the solver state carries to the next step
 
     one()  # cold start (and KeOps compilation)
     t0 = time.perf_counter()  # a cold step (fresh potentials, epsilon-scaling) at the same point, for scale
@@ -372,15 +371,14 @@ def section_coldstart(args, results):
 
 def warm_steps(x, ref, obj, repeats):
     """Median time and median iterations of warm-started flow steps of ``obj`` (after two steps)."""
-    warm: dict = {}
-    state = {"x": x}
+    state = {"x": x, "warm": None}
     iters = []
 
     def one():
-        out = flowaug.flow(state["x"], reference=ref, objective=obj, steps=1, step_size=TAU, warm=warm,
+        out = flowaug.flow(state["x"], reference=ref, objective=obj, steps=1, step_size=TAU, warm=state["warm"],
                            track_objective=False, guard=False)
         iters.append(out.iterations[-1])
-        state["x"] = out.x
+        state["x"], state["warm"] = out.x, out.warm  # the solver state carries to the next step
 
     one()
     one()
