@@ -41,6 +41,13 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is True or False (not 0/1, not a string), else a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
+    return value
+
+
 def check_int(name: str, value, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {describe(value)}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backends
-from ._checks import check_choice, check_int, check_real, describe
+from ._checks import check_bool, check_choice, check_int, check_real, describe
 from .objectives import Objective, as_objective
 
 __all__ = ["FlowConfig", "LABEL_MODES", "DECODERS", "CLASS_MAPS", "fingerprint"]
@@ -84,8 +84,8 @@ class FlowConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
         set_("snapshots", _check_snapshots(self.snapshots, self.steps))
-        set_("guard", _check_bool("guard", self.guard))
-        set_("track_objective", _check_bool("track_objective", self.track_objective))
+        set_("guard", check_bool("guard", self.guard))
+        set_("track_objective", check_bool("track_objective", self.track_objective))
 
     # ------------------------------------------------------------------ derived
     def snapshot_steps(self) -> list[int]:
@@ -127,22 +127,18 @@ class FlowConfig:
 
 
 # ---------------------------------------------------------------------- validation helpers
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {describe(value)}")
-    return value
-
-
 def _check_class_map(value):
     if value is None:
         return None
     if isinstance(value, str):
         return check_choice("class_map", value, CLASS_MAPS)
-    if isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point() and value.numel() > 0:
+    if (isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
+            and value.dtype != torch.bool and value.numel() > 0):
         if int(value.min()) < 0:
             raise ValueError(f"class_map must hold reference class ids >= 0, got {value.tolist()}")
         return tuple(int(v) for v in value)
-    if isinstance(value, tuple) and value and all(isinstance(v, int) and v >= 0 for v in value):
+    if isinstance(value, tuple) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                  for v in value):
         return value
     raise TypeError(f"class_map must be None, 'same', 'ot' or a 1-D integer tensor, got {describe(value)}")
 
@@ -187,8 +183,12 @@ def _feed(h, value, depth: int) -> None:
         raise ValueError("cannot fingerprint a value nested more than 12 levels deep (a cycle?)")
     tag = type(value).__qualname__
     h.update(f"<{type(value).__module__}.{tag}>".encode())
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+    if value is None or value is Ellipsis or isinstance(
+            value, (bool, int, float, complex, str, bytes, slice, range, torch.dtype, torch.device)):
         h.update(repr(value).encode())
+    elif isinstance(value, (set, frozenset)):
+        for digest in sorted(fingerprint(v) for v in value):  # order-free
+            h.update(digest.encode())
     elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())

@@ -10,10 +10,11 @@ Two modes:
 * ``"online"``: items are read live (the wrapped dataset's random transforms still apply) and every
   batch is flowed when the DataLoader fetches it (``__getitems__``), through a
   :class:`~flowaug.FlowTransform` with the same settings. Access one item at a time (``ds[i]``, a
-  ``ConcatDataset``, a DataLoader with ``batch_size=None``) flows that item alone, as a batch of one, with
-  a one-time warning: a single point moves toward the reference's nearby mass (its entropic barycentric
-  projection), not with a batch, so it is a different flow; serving it unflowed would be silently wrong and
-  refusing it would break the ``ConcatDataset([target, FlowDataset(source)])`` recipe.
+  ``ConcatDataset``, a DataLoader with ``batch_size=None``) is refused with an error naming the fixes
+  (unless ``strength`` is 0): a single point flowed alone is a one-point measure whose flow lands on the
+  reference's mean, and serving the item unflowed would be silently wrong. For
+  ``ConcatDataset([target, FlowDataset(source)])`` use precompute mode (any access path works), or
+  :class:`~flowaug.FlowCollate` over the concatenation.
 
 Either way items come back as the wrapped dataset gives them: PIL images as PIL images, ``tv_tensors`` as
 ``tv_tensors``, int labels as ints, tensor labels as tensors, extra tuple entries and dict entries untouched
@@ -43,7 +44,7 @@ from .data import ItemFormat, _label_of, input_kind, label_kind, read_items, res
 from .flow import run
 from .labels import ClassStats
 from .reference import Reference, ReferenceLike
-from .transforms import FlowTransform, batch_to_float, build_config, float_to_like
+from .transforms import FlowTransform, batch_to_float, build_config, check_soft, float_to_like
 
 __all__ = ["FlowDataset", "MODES"]
 
@@ -155,9 +156,7 @@ class FlowDataset(torch.utils.data.Dataset):
         self.config = build_config(config, DATASET_DEFAULTS, options, "FlowDataset")
         if self.mode == "online" and self.config.snapshots is not None:
             raise ValueError("snapshots apply to mode='precompute' only (online mode flows each batch anew)")
-        if not isinstance(soft, bool):
-            raise TypeError(f"soft must be True or False, got {describe(soft)}")
-        self.soft = soft
+        self.soft = check_soft(soft, self.config)
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=2)
         self.reference_size = None if reference_size is None else check_int("reference_size", reference_size, minimum=2)
         self.cache_dir = cache_dir
@@ -171,7 +170,6 @@ class FlowDataset(torch.utils.data.Dataset):
         first_input, first_label, _ = self._format.split(dataset[0], 0)
         self._input_kind, self._label_kind = input_kind(first_input), label_kind(first_label)
         self._templates = None  # precompute: per-item templates of non-pair items (see ItemFormat.split)
-        self._warned_single = False
         self.snapshot_steps = sorted(set(self.config.snapshot_steps()) | {0, self.config.steps})
         self.cache_status: str | None = None
         self._data = None
@@ -332,15 +330,18 @@ class FlowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         if self.mode == "online":
-            if not self._warned_single:
-                self._warned_single = True
-                warn_user("FlowDataset(mode='online') was read one item at a time (ds[i], a ConcatDataset, or a "
-                          "DataLoader with batch_size=None): each such item is flowed alone, as a batch of one, "
-                          "which moves it toward the reference's nearby mass, not as part of a batch flow. A "
-                          "DataLoader with a batch_size over this dataset (it calls __getitems__) flows whole "
-                          "batches; to mix it with other data, use mode='precompute' or a FlowTransform in the "
-                          "collate_fn.", UserWarning)
-            return self._flow_items([index])[0]
+            if self.strength == 0:  # the identity: the wrapped item, with this dataset's transforms
+                return self._flow_items([index])[0]
+            # A flow moves a batch as a distribution: one item flowed alone is a one-point measure, whose
+            # Sinkhorn/MMD flow sends it to the reference's mean (measured: 8 items read one by one all landed
+            # within 5e-7 of it). Serving that, or the unflowed item, would corrupt training silently.
+            raise RuntimeError(
+                "FlowDataset(mode='online') flows whole batches and cannot serve one item alone (ds[i], a "
+                "ConcatDataset, or a DataLoader with batch_size=None): a single point flowed alone lands on the "
+                "reference's mean. Read it through a DataLoader with a batch_size (it calls __getitems__), or use "
+                "mode='precompute' (any access path), or flowaug.FlowCollate(FlowTransform(...)) as the collate_fn "
+                "of a DataLoader over a ConcatDataset"
+            )
         x, label = self._precomputed(index)
         template = None if self._templates is None else self._templates[index]
         return self._finish(template, restore_input(x, self._input_kind), restore_label(label, self._label_kind))

@@ -61,6 +61,7 @@ class Reference:
         self.labels = labels
         self.single_sample = single_sample
         self._stats = stats
+        self._stats_given = stats is not None  # user statistics are part of the reference's identity
         self._prepared: OrderedDict = OrderedDict()
         self._moved: dict = {}
         self._fingerprint: str | None = None
@@ -132,13 +133,18 @@ class Reference:
         return self._moved[key]
 
     def fingerprint(self) -> str:
-        """Content hash of features and labels (for on-disk cache keys)."""
+        """Content hash of everything a flow reads from the reference: features, labels, the single-sample
+        policy and user-given class statistics (for on-disk cache keys)."""
         if self._fingerprint is None:
+            from .config import fingerprint
+
             h = hashlib.blake2b(digest_size=16)
-            h.update(str((tuple(self.features.shape), str(self.features.dtype))).encode())
+            h.update(str((tuple(self.features.shape), str(self.features.dtype), self.single_sample)).encode())
             h.update(np.ascontiguousarray(self.features.detach().cpu().numpy()).tobytes())
             if self.labels is not None:
                 h.update(self.labels.cpu().numpy().tobytes())
+            if getattr(self, "_stats_given", False):
+                h.update(fingerprint(self._stats.state_dict()).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -26,20 +26,14 @@ RESAMPLE = ("batch", "epoch")
 #: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
 _UNALIGNED = tuple(getattr(tv_tensors, name) for name in ("Mask", "BoundingBoxes", "KeyPoints") if hasattr(tv_tensors, name))
 
-from ._checks import check_choice, check_int, check_real, describe
+from ._checks import check_bool, check_choice, check_int, check_real, describe
 from ._shared import ProcessGenerator, SharedValue, mix_seed, strength_property
 from .config import FlowConfig
 from .flow import run
 from .labels import ClassStats
 from .reference import Reference, ReferenceLike
 
-__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "build_config"]
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {describe(value)}")
-    return value
+__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "build_config", "check_soft"]
 
 
 def batch_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -70,6 +64,14 @@ def _default_labels(inputs):
 #: FlowConfig defaults of a FlowTransform where they differ from :func:`flowaug.flow`'s (a few cheap steps per
 #: batch, clamped to the reference's range, no per-batch objective bookkeeping)
 TRANSFORM_DEFAULTS = {"steps": 5, "clamp": "auto", "track_objective": False}
+
+
+def check_soft(soft, config: FlowConfig) -> bool:
+    """The adapters' ``soft``: a bool, and True only where labels flow (fixed labels have no soft form)."""
+    if check_bool("soft", soft) and config.labels != "flow":
+        raise ValueError("soft=True returns flowed soft labels and needs labels='flow', got labels="
+                         f"{config.labels!r}")
+    return soft
 
 
 def build_config(config: FlowConfig | None, defaults: dict, options: dict, owner: str) -> FlowConfig:
@@ -114,7 +116,9 @@ class FlowTransform(Transform):
         source_stats: class statistics of the source dataset; else call :meth:`fit`, else they are
             estimated online from the batches seen so far (in each process). Online estimates depend on
             the batches seen: fit them for exactly reproducible or resumable runs.
-        warm_start: reuse the solver's reference-side potentials from the previous batch.
+        warm_start: reuse the solver's potentials from the previous batch (when the reference points stay the
+            same: no ``reference_size``, or ``resample="epoch"``). They restart at every ``set_epoch``, so a run
+            resumed at an epoch boundary flows exactly the same batches; a mid-epoch resume does not.
 
     Example:
         >>> import torch
@@ -153,7 +157,7 @@ class FlowTransform(Transform):
         if self.config.snapshots is not None:
             raise ValueError("snapshots do not apply to FlowTransform (it returns the moved batch); use flowaug.flow "
                              "or FlowDataset for trajectories")
-        self.soft = _check_flag("soft", soft)
+        self.soft = check_soft(soft, self.config)
         if reference_size is not None:
             reference_size = check_int("reference_size", reference_size, minimum=2)
         self.reference_size = reference_size
@@ -170,7 +174,7 @@ class FlowTransform(Transform):
             raise TypeError(f"source_stats must be a ClassStats or None, got {describe(source_stats)}")
         self.source_stats = source_stats
         self._online_stats = source_stats is None
-        self.warm_start = _check_flag("warm_start", warm_start)
+        self.warm_start = check_bool("warm_start", warm_start)
         self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
         self._rng = ProcessGenerator(seed, self._epoch)
         self._warm: dict = {}
@@ -274,11 +278,13 @@ class FlowTransform(Transform):
                             f"dict/tuple batch holding an image tensor, got {len(flat_inputs)} leaves of types "
                             f"{sorted({type(t).__name__ for t in flat_inputs})}")
         first = flat_inputs[candidates[0]]
-        alike = [i for i in candidates if flat_inputs[i].ndim >= 2 and flat_inputs[i].shape == first.shape]
+        # any other (B, ...) tensor of 2+ dims could be a second view of the batch (multi-crop): ambiguous
+        alike = [i for i in candidates if flat_inputs[i].ndim >= 2 and flat_inputs[i].shape[0] == first.shape[0]]
         if len(tv) > 1 or len(alike) > 1:
-            raise ValueError(f"FlowTransform found {max(len(tv), len(alike))} image batches of shape "
-                             f"{tuple(first.shape)} in its input; it flows one per call (flow the others with "
-                             "another call, or stack them into one batch)")
+            shapes = [tuple(flat_inputs[i].shape) for i in (tv if len(tv) > 1 else alike)]
+            raise ValueError(f"FlowTransform found {len(shapes)} image batches in its input, of shapes {shapes}; it "
+                             "flows one per call (flow the others with another call, or stack them into one "
+                             "batch); 1-D extras such as indices pass through")
         return candidates[0]
 
     def _flow(self, images: torch.Tensor, labels, params, strength: float) -> dict:

@@ -63,10 +63,12 @@ class TestInputs:
         out = FlowTransform(reference(), steps=1, seed=0)(x)
         assert isinstance(out, torch.Tensor) and out.shape == x.shape and not torch.equal(out, x)
 
-    def test_two_image_batches_are_refused(self):
+    @pytest.mark.parametrize("second", ["same size", "other crop"])
+    def test_two_image_batches_are_refused(self, second):
         x, y = tiny_images(8)
+        other = x.clone() if second == "same size" else torch.rand(8, 1, 4, 4)  # multi-crop views
         with pytest.raises(ValueError, match="2 image batches"):
-            FlowTransform(reference(), steps=1)({"image": x, "image2": x.clone(), "labels": y})
+            FlowTransform(reference(), steps=1)({"image": x, "image2": other, "labels": y})
 
     def test_extra_leaves_of_another_shape_pass_through(self):
         x, y = tiny_images(8)

@@ -212,3 +212,37 @@ class TestAnnealable:
         assert decisions() == first != other
         with pytest.raises(ValueError, match="epoch"):
             t.set_epoch(-3)
+
+
+class TestReviewFindings:
+    """Found by an independent review of this redesign; each failed before its fix."""
+
+    def test_cache_key_includes_the_reference_policy(self, tmp_path):
+        x, y = tiny_images(24)
+        rx, ry = tiny_images(30, seed=1)
+        kwargs = dict(steps=2, cache_dir=str(tmp_path), progress=False)
+        pooled = FlowDataset(TensorPairs(x, y), flowaug.Reference(rx, ry, single_sample="pooled"), **kwargs)
+        zero = FlowDataset(TensorPairs(x, y), flowaug.Reference(rx, ry, single_sample="zero"), **kwargs)
+        assert pooled.cache_status == "built" and zero.cache_status == "built"
+
+    def test_common_lambda_constants_fingerprint(self):
+        a = FlowConfig(objective=Potential(lambda z: z[..., 0] * (z[:, 1] > 0)))
+        b = FlowConfig(objective=Potential(lambda z: z[..., 0] * (z[:, 1] > 0)))
+        assert a.fingerprint() == b.fingerprint()
+        assert fingerprint({2, 3}) == fingerprint({3, 2}) != fingerprint(frozenset({2}))
+
+    def test_overflowing_scales_are_refused_not_looped(self):
+        x = torch.rand(8, 2) * 1e20
+        with pytest.raises(FloatingPointError, match="overflow"):
+            flowaug.flow(x, reference=x + 1, steps=1)
+
+    def test_boolean_class_maps_and_soft_fixed_labels_are_refused(self):
+        with pytest.raises(TypeError, match="class_map"):
+            FlowConfig(class_map=(True, False))
+        with pytest.raises(TypeError, match="class_map"):
+            FlowConfig(class_map=torch.tensor([True, False]))
+        rx, ry = tiny_images(20, seed=1)
+        with pytest.raises(ValueError, match="soft=True"):
+            FlowTransform((rx, ry), soft=True)
+        with pytest.raises(ValueError, match="soft=True"):
+            FlowDataset(TensorPairs(rx, ry), (rx, ry), soft=True, progress=False)

@@ -171,32 +171,40 @@ def pil(x):
 
 
 class TestOnlineAccessPaths:
-    """Issue 12 item 2: every access path of mode="online" serves flowed data."""
+    """Issue 12 item 2: mode="online" flows every batch a DataLoader fetches, and refuses the paths that would
+    flow one item alone (a one-point measure lands on the reference's mean) instead of serving them unflowed."""
 
-    def test_single_items_are_flowed_with_one_warning(self):
+    def test_batches_flow_and_keep_their_spread(self):
+        ds = data(24)
+        rx, _ = reference()
+        fd = FlowDataset(ds, reference(), mode="online", steps=2, seed=0)
+        x, _ = next(iter(DataLoader(fd, batch_size=8)))
+        raw = torch.stack([ds[i][0] for i in range(8)])
+        assert not torch.equal(x, raw)
+        assert float(x.flatten(1).std(0).mean()) > 0.1 * float(raw.flatten(1).std(0).mean())
+        assert float((x - rx.mean(0)).flatten(1).norm(dim=1).min()) > 1e-3  # not collapsed onto the mean
+
+    def test_single_items_are_refused_with_the_fix(self):
         ds = data(24)
         fd = FlowDataset(ds, reference(), mode="online", steps=2, seed=0)
-        with pytest.warns(UserWarning, match="one item at a time") as record:
-            first, again = fd[3], fd[4]
-        assert sum("one item at a time" in str(w.message) for w in record) == 1
-        assert first[0].shape == ds[3][0].shape and not torch.equal(first[0], ds[3][0]) and first[1] == ds[3][1]
-        assert not torch.equal(again[0], ds[4][0])
-        fd.strength = 0.0
+        with pytest.raises(RuntimeError, match="cannot serve one item alone"):
+            fd[3]
+        fd.strength = 0.0  # the identity needs no batch
         assert torch.equal(fd[3][0], ds[3][0])
 
     @pytest.mark.parametrize("batch_size", [6, None])
-    def test_flowed_inside_concat_dataset(self, batch_size):
+    def test_concat_dataset_refused_online_and_flowed_precomputed(self, batch_size):
         target, source = data(12, seed=5), data(12)
-        fd = FlowDataset(source, reference(), mode="online", steps=2, seed=0)
-        mixed = ConcatDataset([target, fd])
-        with pytest.warns(UserWarning, match="one item at a time"):
-            got = list(DataLoader(mixed, batch_size=batch_size))
+        online = ConcatDataset([target, FlowDataset(source, reference(), mode="online", steps=2, seed=0)])
+        with pytest.raises(RuntimeError, match="FlowCollate"):
+            list(DataLoader(online, batch_size=batch_size))
+        pre = FlowDataset(source, reference(), steps=2, progress=False)
+        got = list(DataLoader(ConcatDataset([target, pre]), batch_size=batch_size))
         xs = torch.cat([b[0] for b in got]) if batch_size else torch.stack([b[0] for b in got])
         raw_target = torch.stack([target[i][0] for i in range(12)])
         raw_source = torch.stack([source[i][0] for i in range(12)])
         assert torch.equal(xs[:12], raw_target)
-        moved = (xs[12:] - raw_source).flatten(1).norm(dim=1)
-        assert bool((moved > 1e-3).all())  # every source item flowed
+        assert bool(((xs[12:] - raw_source).flatten(1).norm(dim=1) > 1e-3).all())  # every source item flowed
 
 
 class TestTransforms:

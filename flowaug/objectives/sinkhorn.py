@@ -154,6 +154,11 @@ class Sinkhorn(Objective):
         lo = torch.minimum(z.amin(0), ctx.z_ref.amin(0))
         hi = torch.maximum(z.amax(0), ctx.z_ref.amax(0))
         diameter = max(float((hi - lo).norm()), math.sqrt(eps))
+        if not math.isfinite(diameter) or not math.isfinite(eps) or diameter**2 > 1e30:
+            raise FloatingPointError(
+                f"the points span a diameter of {diameter:.3g} (blur {math.sqrt(eps):.3g}): squared costs overflow "
+                "float32; rescale the data (or lower label_weight)"
+            )
         ratio = self.scaling**2
         out, e = [], diameter**2
         while e > eps:
