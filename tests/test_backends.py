@@ -102,3 +102,13 @@ class TestDenseKernelCache:
         assert pair._row_kernel[2] is not first  # rebuilt at the new h
         pair.softmin(0.25, h)
         assert pair._row_kernel[0] == 0.25  # another eps: rebuilt
+
+
+@pytest.mark.parametrize("name", ["tensorized", "chunked"])
+def test_pairs_offer_the_declared_operators(name):
+    """Every backend pair implements the PairOps protocol the objectives are written against."""
+    x, y = torch.rand(5, 3), torch.rand(7, 3)
+    pair = backends.PAIR[name](x, y)
+    assert isinstance(pair, backends.PairOps) and pair.name == name
+    assert all(callable(getattr(backends.KeOpsPair, op)) for op in ("softmin", "softmin_t", "soft_average",
+                                                                    "kernel_terms"))

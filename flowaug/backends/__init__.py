@@ -27,8 +27,10 @@ import torch
 from .chunked import ChunkedPair, chunk_bytes, chunk_rows
 from .dense import DensePair, Workspace
 from .keops import KeOpsPair
+from .protocol import PairOps
 
 __all__ = [
+    "PairOps",
     "BACKENDS",
     "ChunkedPair",
     "DenseMemoryError",
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "chunked", "keops", "tensorized")
-PAIR = {"tensorized": DensePair, "chunked": ChunkedPair, "keops": KeOpsPair}
+PAIR: dict[str, type[PairOps]] = {"tensorized": DensePair, "chunked": ChunkedPair, "keops": KeOpsPair}
 CUDA_DENSE_PAIRS = 5000**2  # geomloss's tensorized/online switch (unmeasured here: no GPU)
 MEMORY_FRACTION = 0.7  # share of the available memory the dense buffers may take
 

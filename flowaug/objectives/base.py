@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..backends import PAIR, Workspace
+from ..backends import PAIR, PairOps, Workspace
 
 __all__ = ["Context", "Evaluation", "Objective", "WeightedSum", "median_distance"]
 
@@ -79,7 +79,7 @@ class Context:
             self.cache["median_distance"] = median_distance(self.z_ref)
         return self.cache["median_distance"]
 
-    def pair(self, x: torch.Tensor, y: torch.Tensor | None = None, *, x_half=None, tag: str = "xy"):
+    def pair(self, x: torch.Tensor, y: torch.Tensor | None = None, *, x_half=None, tag: str = "xy") -> PairOps:
         """Cost operator between ``x`` and ``y``: the moving points and the reference (``y=None``), the moving
         points with themselves (``y is x``), or the reference with itself (``x is y is z_ref``)."""
         if y is None:
