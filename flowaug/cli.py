@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_path
+from .backends import BACKENDS
 
 __all__ = ["main"]
 
@@ -111,8 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--class-map", default=None, choices=["same", "ot"],
                    help="flow each class toward one reference class: 'same' label set, or paired by OT "
                         "(default: one joint flow)")
-    f.add_argument("--backend", default="auto", choices=["auto", "tensorized", "keops"],
-                   help="dense torch or KeOps; auto uses the measured crossover")
+    f.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="dense torch, dense in row blocks (bounded memory) or KeOps; auto: by device and memory")
     f.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the flow's randomness")
     f.add_argument("--out", metavar="DIR", default="flowaug_outputs/flow", help="output folder")
 

@@ -106,6 +106,16 @@ class FlowConfig:
             return torch.tensor(self.class_map, dtype=torch.long, device=device)
         return None
 
+    @property
+    def reads_labels(self) -> bool:
+        """The flow uses labels when both sides have them: a label term or a class-wise pairing."""
+        return self.label_weight > 0 or self.class_map is not None
+
+    def for_labels(self, labeled: bool) -> "FlowConfig":
+        """This config as it runs on data with (``labeled``) or without labels on both sides: without them,
+        a features-only flow (labels fixed, no class map)."""
+        return self if labeled else self.replace(labels="fixed", class_map=None)
+
     def replace(self, **changes) -> "FlowConfig":
         """A new config with ``changes`` applied, validated like the original."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

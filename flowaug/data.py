@@ -124,9 +124,7 @@ class ItemFormat:
         else:
             template = list(item)
         template[ki], template[kl] = None, None
-        if not isinstance(item, dict):
-            template = item._make(template) if hasattr(item, "_make") else type(item)(template)
-        return item[ki], item[kl], template
+        return item[ki], item[kl], template if isinstance(item, dict) else _rebuild(item, template)
 
     def join(self, template, x, label, index: int = 0):
         """An item in the form of ``template`` (None: a tuple pair) holding ``x`` and ``label``."""
@@ -135,9 +133,12 @@ class ItemFormat:
         ki, kl = self.locate(template, index)
         out = dict(template) if isinstance(template, dict) else list(template)
         out[ki], out[kl] = x, label
-        if isinstance(template, dict):
-            return out
-        return template._make(out) if hasattr(template, "_make") else type(template)(out)
+        return out if isinstance(template, dict) else _rebuild(template, out)
+
+
+def _rebuild(like, entries: list):
+    """``entries`` as a sequence of the type of ``like`` (tuple, list or named tuple)."""
+    return like._make(entries) if hasattr(like, "_make") else type(like)(entries)
 
 
 def input_kind(value) -> tuple:

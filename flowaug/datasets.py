@@ -214,7 +214,7 @@ class FlowDataset(torch.utils.data.Dataset):
                 key = self.config_key(_digest(x, y))
                 path = os.path.join(self.cache_dir, f"flowaug-{key}.cache")
             except ValueError as err:
-                warnings.warn(f"FlowDataset cache disabled: {err}", RuntimeWarning, stacklevel=3)
+                warn_user(f"FlowDataset cache disabled: {err}")
         if path is not None:
             payload, reason = read_cache(path, key)
             if payload is not None:
@@ -250,10 +250,9 @@ class FlowDataset(torch.utils.data.Dataset):
         xf = batch_to_float(x)
         ref = self.reference.to(xf.device)
         cfg = self.config
-        use_labels = ref.labels is not None and (cfg.label_weight > 0 or cfg.class_map is not None)
+        use_labels = ref.labels is not None and cfg.reads_labels
         stats = ClassStats(single_sample=ref.single_sample).update(xf, y) if use_labels else None
-        run_cfg = cfg.replace(snapshots=self.snapshot_steps, track_objective=False,
-                              **({} if use_labels else {"labels": "fixed", "class_map": None}))
+        run_cfg = cfg.for_labels(use_labels).replace(snapshots=self.snapshot_steps, track_objective=False)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         n_chunks = math.ceil(n / self.chunk_size)
         store_dtype = torch.uint8 if x.dtype == torch.uint8 else torch.float32

@@ -21,11 +21,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 
-RESAMPLE = ("batch", "epoch")
-
-#: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
-_UNALIGNED = tuple(getattr(tv_tensors, name) for name in ("Mask", "BoundingBoxes", "KeyPoints") if hasattr(tv_tensors, name))
-
 from ._checks import check_bool, check_choice, check_int, check_real, describe
 from ._shared import ProcessGenerator, SharedValue, mix_seed, strength_property
 from .config import FlowConfig
@@ -34,6 +29,11 @@ from .labels import ClassStats
 from .reference import Reference, ReferenceLike
 
 __all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "build_config", "check_soft"]
+
+RESAMPLE = ("batch", "epoch")
+#: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
+_UNALIGNED = tuple(getattr(tv_tensors, name) for name in ("Mask", "BoundingBoxes", "KeyPoints")
+                   if hasattr(tv_tensors, name))
 
 
 def batch_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -302,7 +302,7 @@ class FlowTransform(Transform):
         cfg = self.config
         if cfg.class_map is not None and labels is None:
             raise ValueError("class_map needs labels, but the batch has none (labels_getter found no labels tensor)")
-        use_labels = labels is not None and ref.labels is not None and (cfg.label_weight > 0 or cfg.class_map is not None)
+        use_labels = labels is not None and ref.labels is not None and cfg.reads_labels
         stats = self.source_stats if use_labels else None
         if use_labels and self._online_stats:  # a copy: committed only if the flow succeeds
             stats = ClassStats(single_sample=ref.single_sample)
@@ -311,7 +311,7 @@ class FlowTransform(Transform):
             stats.update(x, labels)
         n = max(1, math.ceil(strength * cfg.steps - 1e-9))
         tau = cfg.step_size * strength * cfg.steps / n
-        run_cfg = cfg.replace(steps=n, step_size=tau, **({} if use_labels else {"labels": "fixed", "class_map": None}))
+        run_cfg = cfg.for_labels(use_labels).replace(steps=n, step_size=tau)
         device_key = str(x.device)
         epoch = int(self._epoch.get())
         if epoch != self._warm_epoch:  # warm starts restart every epoch: a resumed epoch flows exactly the same

@@ -32,6 +32,11 @@ def tiny_images(n: int, classes: int = 3, seed: int = 0, size: int = 6):
     return x.clamp(0, 1), y
 
 
+def identity_calls(transform, x, y, calls: int) -> list[bool]:
+    """For each of ``calls`` calls of a ``p < 1`` transform: did it return the batch untouched (the very object)?"""
+    return [transform(x, y)[0] is x for _ in range(calls)]
+
+
 class TensorPairs(torch.utils.data.Dataset):
     """A map-style dataset of (input, label) items, with an optional per-item transform."""
 

@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 import flowaug
 from flowaug import FlowAnnealing, FlowCollate, FlowTransform
 
-from .conftest import TensorPairs, tiny_images
+from .conftest import TensorPairs, identity_calls, tiny_images
 from .lightning_helpers import Recorder, loader, trainer
 
 
@@ -117,14 +117,10 @@ class TestSeeding:
     def test_no_seed_follows_the_global_rng(self):
         t = FlowTransform(reference(), steps=1, p=0.5)
         x, y = tiny_images(4)
-
-        def decisions():
-            return [t(x, y)[0] is x for _ in range(16)]
-
         torch.manual_seed(0)
-        first = decisions()
+        first = identity_calls(t, x, y, 16)
         torch.manual_seed(0)
-        assert decisions() == first and 0 < sum(first) < 16
+        assert identity_calls(t, x, y, 16) == first and 0 < sum(first) < 16
 
     def test_warm_starts_restart_every_epoch(self):
         """A run resumed at epoch 1 starts with no solver state; the uninterrupted run must flow epoch 1's

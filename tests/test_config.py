@@ -14,7 +14,7 @@ import flowaug
 from flowaug import FlowAnnealing, FlowConfig, FlowDataset, FlowTransform, Potential
 from flowaug.config import fingerprint
 
-from .conftest import TensorPairs, blobs, tiny_images
+from .conftest import TensorPairs, blobs, identity_calls, tiny_images
 from .lightning_helpers import Recorder, loader, trainer
 
 
@@ -200,16 +200,12 @@ class TestAnnealable:
         rx, ry = tiny_images(30, seed=1)
         t = FlowTransform((rx, ry), steps=1, p=0.5, seed=3)
         x, y = tiny_images(4)
-
-        def decisions():
-            return [t(x, y)[0] is x for _ in range(12)]
-
         t.set_epoch(5)
-        first = decisions()
+        first = identity_calls(t, x, y, 12)
         t.set_epoch(6)
-        other = decisions()
+        other = identity_calls(t, x, y, 12)
         t.set_epoch(5)
-        assert decisions() == first != other
+        assert identity_calls(t, x, y, 12) == first != other
         with pytest.raises(ValueError, match="epoch"):
             t.set_epoch(-3)
 

@@ -29,7 +29,7 @@ import os
 import torch
 
 from .._checks import check_int
-from .dense import _EXP_FLOOR, Workspace, half_sqnorms
+from .dense import _EXP_FLOOR, Workspace, cost_into, half_sqnorms
 
 __all__ = ["BLOCK_ROWS", "ChunkedPair", "DEFAULT_CHUNK_BYTES", "NAME", "chunk_bytes", "chunk_rows"]
 
@@ -105,11 +105,9 @@ class ChunkedPair:
         n = self.x.shape[0]
         for r0 in range(0, n, self.block):
             rows = slice(r0, min(r0 + self.block, n))
-            cost = self._cost_buf[: rows.stop - r0]  # (b, M)
-            torch.addmm(self._y_half[None, :], self.x[rows], self.y.T, beta=1, alpha=-1, out=cost)
-            cost.add_(self._x_half[rows, None]).clamp_(min=0)
-            if self._self:  # exactly 0 on the diagonal, which runs through this block at column offset r0
-                cost.diagonal(offset=r0).fill_(0)
+            # x-x: the diagonal runs through this block at column offset r0
+            cost = cost_into(self._cost_buf[: rows.stop - r0], self.x[rows], self.y, self._x_half[rows],
+                             self._y_half, diagonal=r0 if self._self else None)  # (b, M)
             yield rows, cost
 
     def _scores_rows(self, eps: float, h: torch.Tensor, cost: torch.Tensor):

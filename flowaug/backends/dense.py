@@ -50,6 +50,19 @@ def half_sqnorms(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(1).mul_(0.5)
 
 
+def cost_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_half: torch.Tensor, y_half: torch.Tensor,
+              diagonal: int | None = None) -> torch.Tensor:
+    """``C_ij = ||x_i - y_j||^2 / 2 = x_half_i + y_half_j - <x_i, y_j>`` into ``out`` (n, m), clamped at 0.
+
+    ``diagonal``: the offset of the entries where a point meets itself (x-x problems), set to exactly 0: the
+    expansion leaves float32 round-off (~1e-5 ||x||^2) there."""
+    torch.addmm(y_half[None, :], x, y.T, beta=1, alpha=-1, out=out)
+    out.add_(x_half[:, None]).clamp_(min=0)
+    if diagonal is not None:
+        out.diagonal(offset=diagonal).fill_(0)
+    return out
+
+
 class DensePair:
     """Cost ``C_ij = ||x_i - y_j||^2 / 2`` between queries ``x`` (N, D) and sources ``y`` (M, D).
 
@@ -68,14 +81,10 @@ class DensePair:
         self._scores = ws.get(tag + ".scores", (n, m), x)  # (N, M): the row kernel, or scratch for kernels
         self._ws, self._tag = ws, tag  # the column kernel's buffer is taken on first use (x-x pairs never do)
         self._row_kernel = self._col_kernel = None  # (eps, K, h0, m) of the last build
-        cost = ws.get(tag + ".cost", (n, m), x)  # (N, M)
         x_half = half_sqnorms(x) if x_half is None else x_half  # (N,)
         y_half = half_sqnorms(y) if y_half is None else y_half  # (M,)
-        torch.addmm(y_half[None, :], x, y.T, beta=1, alpha=-1, out=cost)
-        cost.add_(x_half[:, None]).clamp_(min=0)
-        if x is y:  # the expansion leaves float32 round-off (~1e-5 ||x||^2) where it must be exactly 0
-            cost.fill_diagonal_(0)
-        self.cost = cost  # (N, M)
+        self.cost = cost_into(ws.get(tag + ".cost", (n, m), x), x, y, x_half, y_half,
+                              diagonal=0 if x is y else None)  # (N, M)
 
     # ---------------------------------------------------------------- Sinkhorn primitives
     # A Sinkhorn solve calls softmin / softmin_t dozens of times with the same cost and eps and slowly
