@@ -1,26 +1,47 @@
-"""k-shot transfer under a budget-matched protocol (issue 10, first exploratory step).
+"""k-shot transfer under a budget-matched protocol (issue 10): the baselines practitioners run, recipes chosen
+on validation data, paired statistics.
 
-Every variant trains the same LeNet-5 (the paper's 1x1 first convolution) for the same number of optimizer
-steps (``--budget-steps``, batch 64, AdamW lr 3e-4), on the same k-shot draw with the same seed (paired runs);
-test accuracy is recorded at half and at the full budget. Variants:
+Protocol. Images are resized to 28 x 28 (bilinear) where smaller, pixels in [0, 1]. Source: 200 images per class
+of the source train split (a seeded draw per draw index). Target train split: 100 images per class are held out
+once as the **validation split** (seed 12345); the k-shot draws come from the rest, so validation images are never
+in a draw. Every variant trains the same LeNet-5 (Bonet et al.'s variant, 1x1 first convolution) for the same
+number of AdamW steps (``--budget-steps``, lr 3e-4, weight decay 0.01, batch 64), on the same draw with the same
+seed (paired runs). Variants that add source images draw their batches uniformly from the concatenation of target
+and source (what a practitioner does with ``ConcatDataset``; the same rule for baselines and recipes, fixed before
+any score was seen). The test split of the target only scores, at half and at the full budget.
 
   baselines  target only | target + aug | target + raw source | target + raw source + aug |
-             pretrain on raw source then fine-tune on target (half the budget each)
-  flowaug    target + flowed source | target + raw + flowed source, each with and without aug
+             pretrain on raw source (half the budget), then fine-tune on the target (the other half)
+  recipes    (candidates; each + aug, class-wise Sinkhorn flow of the source toward the k shots with FlowDataset,
+             class_map="same", 10 steps of 0.2, every step kept as a snapshot)
+             flowed source (t = 1) | half-flowed source (t = 0.5) | raw + flowed source |
+             randomly flowed source (each time a source image is drawn, a fresh flow time t ~ U(0, 1): its
+             features are interpolated between the bracketing snapshots) |
+             FlowAnnealing curriculum (FlowDataset.strength set by FlowAnnealing.value_at(step, budget), linear
+             0 -> 1: raw source first, flowed source last)
 
-"aug" is the standard augmentation for digits, applied per sample on every batch: a random affine map
-(rotation +-15 deg, translation +-10 %, scale 0.9-1.1, shear +-10 deg; torchvision ``RandomAffine``'s
-parameters) drawn independently for each image and applied in one batched ``affine_grid``/``grid_sample``
-call (torchvision's v2 ``RandomAffine`` draws one map per call, so per-image maps would need a Python loop).
-Flows: ``FlowDataset`` precompute, class-wise Sinkhorn (``class_map="same"``: the digit correspondence is
-assumed), 10 steps of 0.2: the previous protocol's settings, fixed before any score was seen and not tuned.
+"aug" is the standard augmentation for digits, applied per sample on every batch: a random affine map (rotation
++-15 deg, translation +-10 %, scale 0.9-1.1, shear +-10 deg: torchvision ``RandomAffine(15, (0.1, 0.1), (0.9, 1.1),
+10)``'s ranges) drawn independently for each image and applied in one batched ``affine_grid``/``grid_sample`` call
+(v2 ``RandomAffine`` draws one map per call: per-image maps would need a Python loop per image).
 
-For each flowaug variant the JSON gives the paired difference against the strongest baseline of the same cell
-(highest mean) with a 95% t-interval over the paired runs. This is exploratory: fewer draws and seeds than issue
-10 asks (``--draws``, ``--seeds``), no validation-based selection of flow settings, one pair per run.
+Selection (stage 1, no test image read): every candidate recipe is trained on one separate draw (index 10) with
+``--select-seeds`` seeds and scored on the validation split; the recipe with the highest mean validation accuracy
+is fixed per k. Stage 2 trains the baselines and that recipe on draws 0..``--draws``-1 x ``--seeds`` seeds and
+scores them on the test split; the recipe with ``class_map="ot"`` (the class correspondence learned by OT between
+class distributions, as in the paper, instead of assumed) runs on one seed per draw (exploratory). Each flowaug
+record gives the paired difference against the strongest baseline of its cell (highest test mean) with a 95 %
+t-interval over the shared (draw, seed) runs.
 
-    python benchmarks/budget.py --source mnist --target usps --k 1 10 --draws 3 --seeds 2 --jobs 2 \\
-        --data ../shared/data --out benchmarks/results/budget_mnist_usps.json
+Every finished training is appended at once to ``<out>.cells.jsonl`` (committed with the results): a rerun skips
+what is there, so the grid can be completed across sessions. ``--jobs N`` runs N trainings in parallel, one thread
+each (2 cores: ``--jobs 2``).
+
+    python benchmarks/budget.py --source mnist --target usps --k 1 5 10 100 --jobs 2 --data ../shared/data \\
+        --out benchmarks/results/budget_mnist_usps.json
+    python benchmarks/budget.py --source usps --target mnist --k 1 5 10 100 --jobs 2 --data ../shared/data \\
+        --out benchmarks/results/budget_usps_mnist.json
+    python benchmarks/budget.py --quick --data ../shared/data      # a smoke run: seconds, not a result
 """
 
 from __future__ import annotations
@@ -42,12 +63,18 @@ from torch.utils.data import TensorDataset  # noqa: E402
 import flowaug  # noqa: E402
 from benchmarks.common import machine, markdown_table, write_json  # noqa: E402
 from flowaug.data import load_dataset, resize_images  # noqa: E402
-from flowaug.demo import LeNet5, accuracy, per_class  # noqa: E402
+from flowaug.demo import LeNet5, per_class  # noqa: E402
 
 BASELINES = ["target only", "target + aug", "target + raw source", "target + raw source + aug",
-             "pretrain on source, fine-tune on target"]
-FLOWAUG = ["target + flowed source", "target + flowed source + aug", "target + raw + flowed source",
-           "target + raw + flowed source + aug"]
+             "pretrain on raw source, fine-tune on target"]
+#: candidate recipe -> how its source images are made (all with aug, class_map="same")
+CANDIDATES = {"target + flowed source + aug": "flowed", "target + half-flowed source + aug": "half",
+              "target + raw + flowed source + aug": "raw + flowed",
+              "target + randomly flowed source + aug": "random",
+              "target + FlowAnnealing curriculum + aug": "curriculum"}
+OT_SUFFIX = " [class_map=ot]"
+FLOW = dict(steps=10, step_size=0.2, labels="flow", snapshots=11)
+SELECT_DRAW, VAL_PER_CLASS, VAL_SEED = 10, 100, 12345
 
 
 def random_affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -67,167 +94,374 @@ def random_affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
-def train(x, y, test, *, steps: int, seed: int, aug: bool, start=None) -> tuple[list[float], torch.nn.Module]:
-    """``steps`` AdamW steps on shuffled batches of 64; test accuracy (%) at half and at the end."""
+class Cycle:
+    """Indices into n items, ``b`` at a time, from a fresh permutation each pass (with replacement if n < b)."""
+
+    def __init__(self, n: int, g: torch.Generator):
+        self.n, self.g, self.order, self.pos = n, g, torch.randperm(n, generator=g), 0
+
+    def take(self, b: int) -> torch.Tensor:
+        if self.n < b:
+            return torch.randint(self.n, (b,), generator=self.g)
+        if self.pos + b > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.g), 0
+        self.pos += b
+        return self.order[self.pos - b: self.pos]
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    model.eval()
+    hits = sum(int((model(x[i: i + 2048]).argmax(1) == y[i: i + 2048]).sum()) for i in range(0, len(x), 2048))
+    model.train()
+    return 100.0 * hits / len(x)
+
+
+def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None):
+    """``steps`` AdamW steps on batches of 64 drawn from the union of ``target`` (x, y) and ``source`` (a callable
+    ``(indices, step) -> (x, y)`` with a length ``n``); either may be None. Returns (accuracy at half the steps,
+    accuracy at the end) on ``score`` = (x, y), and the model."""
     torch.manual_seed(seed)
-    model = start if start is not None else LeNet5(first=1)
+    model = model if model is not None else LeNet5(first=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
-    order, pos, accs = torch.randperm(len(x), generator=g), 0, []
-    model.train()
+    n_t = 0 if target is None else len(target[0])
+    cycle = Cycle(n_t + (0 if source is None else source.n), g)
+    accs = []
     for step in range(steps):
-        if pos + 64 > len(order):  # a new epoch (batches never straddle two)
-            order, pos = torch.randperm(len(x), generator=g), 0
-        idx = order[pos: pos + 64] if len(x) >= 64 else torch.randint(len(x), (64,), generator=g)
-        pos += 64
-        xb = random_affine(x[idx], g) if aug else x[idx]
-        loss = F.cross_entropy(model(xb), y[idx])
+        idx = cycle.take(64)
+        from_t = idx < n_t
+        xs, ys = [], []
+        if from_t.any():
+            xs.append(target[0][idx[from_t]]), ys.append(target[1][idx[from_t]])
+        if not from_t.all():
+            sx, sy = source(idx[~from_t] - n_t, step)
+            xs.append(sx), ys.append(sy)
+        xb, yb = torch.cat(xs), torch.cat(ys)
+        if aug:
+            xb = random_affine(xb, g)
+        loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step + 1 in (steps // 2, steps):
-            accs.append(accuracy(model.eval(), *test) * 100)
-            model.train()
+            accs.append(accuracy(model, *score))
     return accs, model
 
 
-def run_cell(args, k: int, draw: int) -> dict:
-    """One k-shot draw: flow the source once, then every variant x seed, paired."""
-    torch.set_num_threads(1)
-    sx_all, sy_all = load_dataset(args.source, "train", data_dir=args.data)
-    sx_all = sx_all.float() / 255
-    size = tuple(sx_all.shape[-2:])
-    tx_all, ty_all = load_dataset(args.target, "train", data_dir=args.data)
-    tx_all = resize_images(tx_all.float() / 255, size)
+class Source:
+    """Source images for one variant: raw, a fixed flow time, raw + flowed, a random flow time per draw, or the
+    FlowAnnealing curriculum read through the FlowDataset itself."""
+
+    def __init__(self, kind: str, raw, flowed: dict | None, steps: int, g: torch.Generator):
+        self.kind, self.raw, self.f, self.steps, self.g = kind, raw, flowed, steps, g
+        self.n = len(raw[0]) * (2 if kind == "raw + flowed" else 1)
+        if kind == "curriculum":
+            self.anneal = flowaug.FlowAnnealing(flowed["dataset"], "linear", interval="step")
+
+    def __call__(self, idx: torch.Tensor, step: int):
+        x0, y0 = self.raw
+        if self.kind == "raw":
+            return x0[idx], y0[idx]
+        snaps, y1 = self.f["snapshots"], self.f["labels"]  # (S, N, 1, H, W), (N,)
+        if self.kind in ("flowed", "half"):
+            return snaps[-1 if self.kind == "flowed" else (len(snaps) - 1) // 2][idx], y1[idx]
+        if self.kind == "raw + flowed":
+            n = len(x0)
+            flowed = idx >= n
+            x = torch.where(flowed[:, None, None, None], snaps[-1][idx % n], x0[idx % n])
+            return x, torch.where(flowed, y1[idx % n], y0[idx % n] if self.f["same"] else y1[idx % n])
+        if self.kind == "random":
+            pos = torch.rand(len(idx), generator=self.g) * (len(snaps) - 1)
+            lo = pos.floor().long().clamp(max=len(snaps) - 2)
+            w = (pos - lo)[:, None, None, None]
+            return torch.lerp(snaps[lo, idx], snaps[lo + 1, idx], w), y1[idx]
+        fd = self.f["dataset"]  # curriculum: the library's own interpolation between snapshots
+        fd.strength = self.anneal.value_at(step, self.steps)
+        return torch.stack([fd[int(i)][0] for i in idx]), y1[idx]
+
+
+def load_pair(args):
+    """(source train, target train minus validation, validation, test), images (N, 1, 28, 28) in [0, 1]."""
+    def prep(x):  # uint8 (N, 1, H, W) -> float (N, 1, 28, 28)
+        return resize_images(x.float() / 255, (28, 28))
+
+    sx, sy = load_dataset(args.source, "train", data_dir=args.data)
+    tx, ty = load_dataset(args.target, "train", data_dir=args.data)
     ex, ey = load_dataset(args.target, "test", data_dir=args.data)
-    test = (resize_images(ex.float() / 255, size), ey)
-    sx, sy = per_class(sx_all, sy_all, args.per_class, seed=100 + draw)
-    kx, ky = per_class(tx_all, ty_all, k, seed=draw)
-    t0 = time.perf_counter()
-    fd = flowaug.FlowDataset(TensorDataset(sx, sy), (kx, ky), steps=10, step_size=0.2, labels="flow",
-                             class_map="same", progress=False, seed=draw)
-    flow_seconds = time.perf_counter() - t0
-    fx = torch.stack([fd[i][0] for i in range(len(fd))])
-    fy = torch.stack([torch.as_tensor(fd[i][1]) for i in range(len(fd))])
-    pools = {"target": (kx, ky), "raw": (torch.cat([kx, sx]), torch.cat([ky, sy])),
-             "flowed": (torch.cat([kx, fx]), torch.cat([ky, fy])),
-             "raw + flowed": (torch.cat([kx, sx, fx]), torch.cat([ky, sy, fy]))}
-    plan = {"target only": ("target", False), "target + aug": ("target", True),
-            "target + raw source": ("raw", False), "target + raw source + aug": ("raw", True),
-            "target + flowed source": ("flowed", False), "target + flowed source + aug": ("flowed", True),
-            "target + raw + flowed source": ("raw + flowed", False),
-            "target + raw + flowed source + aug": ("raw + flowed", True)}
-    runs = {v: [] for v in BASELINES + FLOWAUG}
-    for s in range(args.seeds):
-        seed = 1000 * draw + s
-        for variant, (pool, aug) in plan.items():
-            accs, _ = train(*pools[pool], test, steps=args.budget_steps, seed=seed, aug=aug)
-            runs[variant].append({"draw": draw, "seed": seed, "half": accs[0], "accuracy": accs[1]})
-        _, pre = train(sx, sy, test, steps=args.budget_steps // 2, seed=seed, aug=False)
-        accs, _ = train(kx, ky, test, steps=args.budget_steps - args.budget_steps // 2, seed=seed, aug=False,
-                        start=pre)
-        runs["pretrain on source, fine-tune on target"].append(
-            {"draw": draw, "seed": seed, "half": float("nan"), "accuracy": accs[1]})
-        print(f"k={k} draw {draw} seed {s}: " + ", ".join(f"{v} {r[-1]['accuracy']:.1f}" for v, r in runs.items()),
-              flush=True)
-    spread = float(fx.flatten(1).std(0).mean()), float(sx.flatten(1).std(0).mean())
-    return {"k": k, "draw": draw, "runs": runs, "flow_seconds": flow_seconds,
-            "pixel_std": {"flowed source": spread[0], "raw source": spread[1]}}
+    g = torch.Generator().manual_seed(VAL_SEED)
+    val = torch.cat([torch.nonzero(ty == c).flatten()[torch.randperm(int((ty == c).sum()), generator=g)[:VAL_PER_CLASS]]
+                     for c in torch.unique(ty).tolist()])
+    keep = torch.ones(len(ty), dtype=torch.bool)
+    keep[val] = False
+    return (prep(sx), sy), (prep(tx[keep]), ty[keep]), (prep(tx[val]), ty[val]), (prep(ex), ey)
 
 
-def paired(a: list[float], b: list[float]) -> dict:
+def draw_data(data, k: int, draw: int, per_class_source: int):
+    """The source sample and the k-shot target draw of one draw index."""
+    (sx, sy), (tx, ty), _, _ = data
+    return per_class(sx, sy, per_class_source, seed=100 + draw), per_class(tx, ty, k, seed=draw)
+
+
+def flow_source(raw, shots, *, class_map: str, seed: int, cache_dir: str | None) -> dict:
+    """Class-wise Sinkhorn flow of the source toward the shots (FlowDataset precompute, every step kept)."""
+    fd = flowaug.FlowDataset(TensorDataset(*raw), shots, class_map=class_map, seed=seed, progress=False,
+                             cache_dir=cache_dir, **FLOW)
+    snaps = []
+    for s in fd.snapshot_steps:
+        fd.strength = s / fd.snapshot_steps[-1]
+        snaps.append(torch.stack([fd[i][0] for i in range(len(fd))]))
+    fd.strength = 1.0
+    labels = torch.stack([torch.as_tensor(fd[i][1]) for i in range(len(fd))])
+    return {"dataset": fd, "snapshots": torch.stack(snaps), "labels": labels, "same": class_map == "same"}
+
+
+def diversity(raw, flowed: dict, shots, val) -> dict:
+    """Where generated source images sit: mean distance to the nearest shot and to the nearest validation image of
+    their class (closer = more target-like), and mean within-class pairwise distance (variety), in pixel L2."""
+    def stats(x, y, itself=False):
+        x = x.flatten(1)
+        out = {"to_shot": [], "to_val": [], "spread": []}
+        for c in torch.unique(y).tolist():
+            xc = x[y == c]
+            out["to_shot"].append(torch.cdist(xc, shots[0][shots[1] == c].flatten(1)).min(1).values.mean())
+            d = torch.cdist(xc, val[0][val[1] == c].flatten(1))
+            out["to_val"].append((d.fill_diagonal_(float("inf")) if itself else d).min(1).values.mean())
+            out["spread"].append(torch.pdist(xc).mean() if len(xc) > 1 else torch.tensor(float("nan")))
+        return {key: float(torch.stack(v).mean()) for key, v in out.items()}
+
+    snaps = flowed["snapshots"]
+    return {"raw source": stats(*raw), "half-flowed (t=0.5)": stats(snaps[(len(snaps) - 1) // 2], flowed["labels"]),
+            "flowed (t=1)": stats(snaps[-1], flowed["labels"]), "target validation": stats(*val, itself=True)}
+
+
+def append(path: str, record: dict) -> None:
+    """One finished record, one line, one write: parallel jobs append to the same file safely (O_APPEND)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: list[str]) -> None:
+    """Train ``variants`` on one (draw, seed), paired; each record (and the draw's diversity) appended at once."""
+    torch.set_num_threads(1)
+    data = load_pair(args)
+    raw, shots = draw_data(data, k, draw, args.per_class)
+    score = data[2] if stage == "select" else data[3]  # validation when selecting, test when reporting
+    seed = 1000 * draw + seed_index
+    flows = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        if v == BASELINES[-1]:  # pretrain on the raw source, then fine-tune on the target
+            _, pre = train(None, Source("raw", raw, None, 0, None), score, steps=args.budget_steps // 2, seed=seed,
+                           aug=False)
+            accs, _ = train(shots, None, score, steps=args.budget_steps - args.budget_steps // 2, seed=seed,
+                            aug=False, model=pre)
+            accs = [float("nan"), accs[-1]]
+        elif v in BASELINES:
+            src = Source("raw", raw, None, args.budget_steps, None) if "raw" in v else None
+            accs, _ = train(shots, src, score, steps=args.budget_steps, seed=seed, aug=v.endswith("aug"))
+        else:
+            name, class_map = (v[: -len(OT_SUFFIX)], "ot") if v.endswith(OT_SUFFIX) else (v, "same")
+            if class_map not in flows:
+                flows[class_map] = flow_source(raw, shots, class_map=class_map, seed=draw, cache_dir=args.cache)
+                if class_map == "same" and seed_index == 0:
+                    append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "diversity",
+                                          "diversity": diversity(raw, flows["same"], shots, data[2])})
+                if class_map == "ot":
+                    agree = float((flows["ot"]["labels"] == raw[1]).float().mean())
+                    append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "ot labels",
+                                          "agreement": agree})
+            g = torch.Generator().manual_seed(seed + 77)
+            src = Source(CANDIDATES[name], raw, flows[class_map], args.budget_steps, g)
+            accs, _ = train(shots, src, score, steps=args.budget_steps, seed=seed, aug=True)
+        append(args.partial, {"stage": stage, "k": k, "draw": draw, "seed": seed, "variant": v, "half": accs[0],
+                              "accuracy": accs[1], "seconds": time.perf_counter() - t0})
+        print(f"[{stage}] k={k} draw {draw} seed {seed}: {v} {accs[1]:.1f}", flush=True)
+
+
+def read_records(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def run_units(args, units: list[tuple]) -> None:
+    """Run (stage, k, draw, seed_index, variants) units, skipping trainings already recorded."""
+    done = {(r["stage"], r["k"], r["draw"], r["seed"], r["variant"]) for r in read_records(args.partial) if "variant" in r}
+    todo = []
+    for stage, k, draw, s, variants in units:
+        left = [v for v in variants if (stage, k, draw, 1000 * draw + s, v) not in done]
+        if left:
+            todo.append((stage, k, draw, s, left))
+    if args.jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in [pool.submit(run_unit, args, *u) for u in todo]:
+                fut.result()
+    else:
+        for u in todo:
+            run_unit(args, *u)
+
+
+def choose_recipes(records: list[dict], ks: list[int]) -> tuple[dict, dict]:
+    """Per k, the candidate with the highest mean validation accuracy (stage "select" only)."""
+    table, recipe = {}, {}
+    for k in ks:
+        runs = {v: [r["accuracy"] for r in records if r.get("variant") == v and r["k"] == k and r["stage"] == "select"]
+                for v in CANDIDATES}
+        table[k] = {v: {"validation_mean": statistics.mean(a), "runs": a} for v, a in runs.items() if a}
+        if table[k]:
+            recipe[k] = max(table[k], key=lambda v: table[k][v]["validation_mean"])
+    return table, recipe
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Mean of a - b over the (draw, seed) keys both have, with a 95 % t-interval."""
     from scipy import stats
 
-    d = [x - y for x, y in zip(a, b)]
+    d = [a[key] - b[key] for key in a if key in b]
+    if not d:
+        return {"mean_diff": None, "ci95": None, "pairs": 0}
     mean = statistics.mean(d)
-    if len(d) < 2:
-        return {"mean_diff": mean, "ci95": [float("nan"), float("nan")]}
-    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return {"mean_diff": mean, "ci95": [mean - half, mean + half]}
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"mean_diff": mean, "ci95": [mean - half, mean + half], "pairs": len(d)}
 
 
-def summarize(cells: list[dict], ks: list[int], budget: int) -> list[dict]:
-    records = []
+def summarize(records: list[dict], ks: list[int], recipe: dict, budget: int) -> list[dict]:
+    """One record per (variant, k) of the test stage, in issue 10's schema."""
+    out = []
     for k in ks:
-        mine = sorted((c for c in cells if c["k"] == k), key=lambda c: c["draw"])
-        runs = {v: [r for c in mine for r in c["runs"][v]] for v in BASELINES + FLOWAUG}
-        means = {v: statistics.mean(r["accuracy"] for r in rs) for v, rs in runs.items()}
-        best = max(BASELINES, key=means.get)
+        final = [r for r in records if r["stage"] == "final" and r["k"] == k and "variant" in r]
+        names = BASELINES + [v for v in dict.fromkeys(r["variant"] for r in final) if v not in BASELINES]
+        runs = {v: [r for r in final if r["variant"] == v] for v in names}
+        runs = {v: rs for v, rs in runs.items() if rs}
+        keyed = {v: {(r["draw"], r["seed"]): r["accuracy"] for r in rs} for v, rs in runs.items()}
+        means = {v: statistics.mean(keyed[v].values()) for v in runs}
+        base = [v for v in BASELINES if v in runs]
+        best = max(base, key=means.get) if base else None
         for v, rs in runs.items():
             acc = [r["accuracy"] for r in rs]
             half = [r["half"] for r in rs if not math.isnan(r["half"])]
             rec = {"variant": v, "kind": "baseline" if v in BASELINES else "flowaug", "k": k, "mean": means[v],
-                   "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "runs": rs, "optimizer_steps": budget,
-                   "mean_at_half_budget": statistics.mean(half) if half else None}
-            if v in FLOWAUG:
-                rec["flow_steps"] = 10
-                rec["vs_best_baseline"] = {"baseline": best, **paired(acc, [r["accuracy"] for r in runs[best]])}
-            records.append(rec)
-    return records
+                   "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                   "runs": [{"draw": r["draw"], "seed": r["seed"], "accuracy": r["accuracy"]} for r in rs],
+                   "optimizer_steps": budget, "mean_at_half_budget": statistics.mean(half) if half else None}
+            if v not in BASELINES:
+                rec["flow_steps"] = FLOW["steps"]
+                rec["recipe"] = v == recipe.get(k)
+                rec["exploratory"] = v.endswith(OT_SUFFIX)
+                rec["vs_best_baseline"] = {"baseline": best, **paired(keyed[v], keyed[best])} if best else None
+            out.append(rec)
+    return out
+
+
+def render_table(records: list[dict], ks: list[int]) -> str:
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    rows = []
+    for v in names:
+        cells = []
+        for k in ks:
+            r = next((r for r in records if r["variant"] == v and r["k"] == k), None)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{r['mean']:.1f} ± {r['std']:.1f} ({len(r['runs'])})"
+            c = r.get("vs_best_baseline")
+            if c and c["ci95"]:
+                cell += f" {c['mean_diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+            cells.append(cell)
+        rows.append([v, *cells])
+    return markdown_table(["variant (mean ± std (runs); flowaug: paired diff vs best baseline [95% CI])",
+                           *[f"k={k}" for k in ks]], rows)
+
+
+def picture(args, ks: list[int], path: str) -> None:
+    """Source / flowed / target images of draw 0 (one per class), for up to two k (cached flows are reused)."""
+    from flowaug.plotting import image_grid
+
+    data = load_pair(args)
+    rows, labels = [], []
+    for k in ks[:1] + ks[-1:] if len(ks) > 1 else ks:
+        raw, shots = draw_data(data, k, 0, args.per_class)
+        f = flow_source(raw, shots, class_map="same", seed=0, cache_dir=args.cache)
+        first = torch.stack([torch.nonzero(raw[1] == c)[0, 0] for c in range(10)])
+        g = torch.Generator().manual_seed(0)
+        rand = Source("random", raw, f, 1, g)(first, 0)[0]
+        if not rows:
+            rows.append(raw[0][first]), labels.append(f"{args.source} (raw)")
+        rows += [f["snapshots"][5][first], f["snapshots"][-1][first], rand,
+                 shots[0][torch.stack([torch.nonzero(shots[1] == c)[0, 0] for c in range(10)])]]
+        labels += [f"k={k}: t=0.5", f"k={k}: t=1", f"k={k}: random t", f"k={k}: {args.target} shot"]
+    image_grid(rows, path, row_labels=labels, columns=10,
+               title=f"{args.source} -> {args.target}: source flowed class-wise toward the k shots")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="mnist")
     p.add_argument("--target", default="usps")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 10])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 100])
     p.add_argument("--draws", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--select-seeds", type=int, default=2)
     p.add_argument("--budget-steps", type=int, default=2000)
-    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--per-class", type=int, default=200, help="source images per class")
+    p.add_argument("--stop-after", choices=["select", "final"], default="final")
+    p.add_argument("--recipes-from", metavar="JSON", help="take the recipes (and their selection) from another pair's "
+                   "result instead of selecting on this pair's validation split")
     p.add_argument("--data", metavar="DIR")
+    p.add_argument("--cache", default="benchmarks/out/flow_cache", help="FlowDataset cache of the flowed sources")
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results/budget.json")
-    p.add_argument("--quick", action="store_true", help="k=10, one draw, one seed, 100 steps")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/budget_<source>_<target>.json")
+    p.add_argument("--quick", action="store_true", help="k=10, one draw and seed, 60 steps, 20 source images per class")
     args = p.parse_args(argv)
     if args.quick:
-        args.k, args.draws, args.seeds, args.budget_steps = [10], 1, 1, 100
-    partial = args.out + ".cells.jsonl"  # one finished cell per line: a rerun skips them
-    done = []
-    if os.path.exists(partial):
-        with open(partial) as handle:
-            done = [json.loads(line) for line in handle if line.strip()]
-    todo = [(k, d) for k in args.k for d in range(args.draws) if not any(c["k"] == k and c["draw"] == d for c in done)]
+        args.k, args.draws, args.seeds, args.select_seeds, args.budget_steps, args.per_class = [10], 1, 1, 1, 60, 20
+    args.out = args.out or f"benchmarks/results/budget_{args.source}_{args.target}{'_quick' if args.quick else ''}.json"
+    args.partial = args.out[: -len(".json")] + ".cells.jsonl"
     t0 = time.time()
-    if args.jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_cell, args, k, d) for k, d in todo]
-            for fut in as_completed(futures):
-                done.append(fut.result())
-                with open(partial, "a") as handle:
-                    handle.write(json.dumps(done[-1]) + "\n")
+    if args.recipes_from:
+        with open(args.recipes_from) as handle:
+            other = json.load(handle)
+        recipe = {k: other["recipe"][str(k)] for k in args.k}
+        selection = {"taken_from": f"{other['source']} -> {other['target']} ({os.path.basename(args.recipes_from)})",
+                     **other["selection"]}
     else:
-        for k, d in todo:
-            done.append(run_cell(args, k, d))
-            with open(partial, "a") as handle:
-                handle.write(json.dumps(done[-1]) + "\n")
-    records = summarize(done, args.k, args.budget_steps)
-    header = ["variant", *[f"k={k}" for k in args.k]]
-    rows = []
-    for v in BASELINES + FLOWAUG:
-        cells = []
-        for k in args.k:
-            r = next(r for r in records if r["variant"] == v and r["k"] == k)
-            cell = f"{r['mean']:.1f} ± {r['std']:.1f}"
-            if "vs_best_baseline" in r:
-                c = r["vs_best_baseline"]
-                cell += f" ({c['mean_diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}])"
-            cells.append(cell)
-        rows.append([v, *cells])
-    table = markdown_table(header, rows)
+        run_units(args, [("select", k, SELECT_DRAW, s, list(CANDIDATES)) for k in args.k
+                         for s in range(args.select_seeds)])
+        selection, recipe = choose_recipes(read_records(args.partial), args.k)
+    print("recipes fixed on validation:", recipe, flush=True)
+    if args.stop_after == "final":
+        units = [("final", k, d, s, BASELINES + [recipe[k]] + ([recipe[k] + OT_SUFFIX] if s == 0 else []))
+                 for s in range(args.seeds) for k in args.k for d in range(args.draws)]
+        run_units(args, units)
+    everything = read_records(args.partial)
+    records = summarize(everything, args.k, recipe, args.budget_steps)
+    table = render_table(records, args.k)
     print(table)
-    spread = {k: statistics.mean(c["pixel_std"]["flowed source"] / c["pixel_std"]["raw source"]
-                                 for c in done if c["k"] == k) for k in args.k}
-    write_json(args.out, {"source": args.source, "target": args.target, "protocol": "budget",
-                          "budget_steps": args.budget_steps, "config": vars(args), "machine": machine(),
-                          "selection": "flow settings fixed a priori (the published-protocol run's: class-wise "
-                                       "Sinkhorn, 10 steps of 0.2); not tuned, no validation split used; exploratory",
-                          "recipe": None, "records": records, "table": table,
-                          "flowed_over_raw_pixel_std": spread, "seconds": time.time() - t0})
-    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+    extras = {}
+    for kind, key in (("diversity", "diversity"), ("ot labels", "agreement")):
+        extras[kind] = {k: [r[key] for r in everything if r.get("kind") == kind and r["k"] == k and r["stage"] == "final"]
+                        for k in args.k}
+    png = args.out[: -len(".json")] + ".png"
+    picture(args, args.k, png)
+    write_json(args.out, {
+        "source": args.source, "target": args.target, "protocol": "budget", "budget_steps": args.budget_steps,
+        "selection": selection if args.recipes_from else {
+            "rule": "per k, the candidate recipe with the highest mean accuracy on the validation split "
+                    f"({VAL_PER_CLASS} target-train images per class held out, disjoint from every draw), "
+                    f"trained on draw {SELECT_DRAW} x {args.select_seeds} seeds; the test split is not read",
+            "fixed_a_priori": "budget, batch, optimizer, concatenation of target and source, augmentation ranges, "
+                              f"flow settings {FLOW} (the published-protocol run's)",
+            "validation_accuracy": selection},
+        "recipe": recipe, "records": records, "table": table,
+        "diversity_per_draw": extras["diversity"], "ot_label_agreement_per_draw": extras["ot labels"],
+        "picture": os.path.basename(png), "planned_runs": args.draws * args.seeds, "config": vars(args),
+        "machine": machine(), "seconds_this_invocation": time.time() - t0})
+    print(f"wrote {args.out} and {png} ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
