@@ -20,10 +20,12 @@ any score was seen). The test split of the target only scores, at half and at th
              FlowAnnealing curriculum (FlowDataset.strength set by FlowAnnealing.value_at(step, budget), linear
              0 -> 1: raw source first, flowed source last)
 
-"aug" is the standard augmentation for digits, applied per sample on every batch: a random affine map (rotation
-+-15 deg, translation +-10 %, scale 0.9-1.1, shear +-10 deg: torchvision ``RandomAffine(15, (0.1, 0.1), (0.9, 1.1),
-10)``'s ranges) drawn independently for each image and applied in one batched ``affine_grid``/``grid_sample`` call
-(v2 ``RandomAffine`` draws one map per call: per-image maps would need a Python loop per image).
+"aug" is the standard augmentation for digits, applied per sample on every batch: a random affine map with
+torchvision ``RandomAffine(15, (0.1, 0.1), (0.9, 1.1), 10)``'s rotation, scale and shear ranges, drawn independently
+for each image and applied in one batched ``affine_grid``/``grid_sample`` call (v2 ``RandomAffine`` draws one map per
+call: per-image maps would need a Python loop per image). Two differences from torchvision: bilinear instead of
+nearest sampling, and the +-10 % offset is drawn in input coordinates (before the inverse map), so the image's
+actual shift reaches about +-15 % and is not uniform.
 
 Selection (stage 1, no test image read): every candidate recipe is trained on one separate draw (index 10) with
 ``--select-seeds`` seeds and scored on the validation split; the recipe with the highest mean validation accuracy
@@ -65,8 +67,9 @@ from benchmarks.common import machine, markdown_table, write_json  # noqa: E402
 from flowaug.data import load_dataset, resize_images  # noqa: E402
 from flowaug.demo import LeNet5, per_class  # noqa: E402
 
-BASELINES = ["target only", "target + aug", "target + raw source", "target + raw source + aug",
-             "pretrain on raw source, fine-tune on target"]
+PRETRAIN = "pretrain on raw source, fine-tune on target"
+BASELINES = ["target only", "target + aug", "target + raw source", "target + raw source + aug", PRETRAIN,
+             PRETRAIN + " (+ aug in both)"]
 #: candidate recipe -> how its source images are made (all with aug, class_map="same")
 CANDIDATES = {"target + flowed source + aug": "flowed", "target + half-flowed source + aug": "half",
               "target + raw + flowed source + aug": "raw + flowed",
@@ -251,12 +254,13 @@ def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: lis
     flows = {}
     for v in variants:
         t0 = time.perf_counter()
-        if v == BASELINES[-1]:  # pretrain on the raw source, then fine-tune on the target
+        if v.startswith(PRETRAIN):  # pretrain on the raw source, then fine-tune on the target
+            aug = v.endswith("aug in both)")
             _, pre = train(None, Source("raw", raw, None, 0, None), score, steps=args.budget_steps // 2, seed=seed,
-                           aug=False)
+                           aug=aug)
             accs, _ = train(shots, None, score, steps=args.budget_steps - args.budget_steps // 2, seed=seed,
-                            aug=False, model=pre)
-            accs = [float("nan"), accs[-1]]
+                            aug=aug, model=pre)
+            accs = [float("nan"), accs[-1]]  # half the budget is the end of pretraining: not a comparable point
         elif v in BASELINES:
             src = Source("raw", raw, None, args.budget_steps, None) if "raw" in v else None
             accs, _ = train(shots, src, score, steps=args.budget_steps, seed=seed, aug=v.endswith("aug"))
@@ -318,35 +322,49 @@ def choose_recipes(records: list[dict], ks: list[int]) -> tuple[dict, dict]:
     return table, recipe
 
 
-def paired(a: dict, b: dict) -> dict:
-    """Mean of a - b over the (draw, seed) keys both have, with a 95 % t-interval."""
+def t_interval(d: list[float]) -> list[float] | None:
     from scipy import stats
 
-    d = [a[key] - b[key] for key in a if key in b]
+    if len(d) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return [statistics.mean(d) - half, statistics.mean(d) + half]
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Mean of a - b over the (draw, seed) keys both have, with a 95 % t-interval over those runs (the issue's
+    statistic) and, more conservative, over the per-draw means (seeds of one draw share its shots, source sample
+    and flow, so they are not independent draws of the data: df = draws - 1)."""
+    keys = [key for key in a if key in b]
+    d = [a[key] - b[key] for key in keys]
     if not d:
         return {"mean_diff": None, "ci95": None, "pairs": 0}
-    mean = statistics.mean(d)
-    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"mean_diff": mean, "ci95": [mean - half, mean + half], "pairs": len(d)}
+    draws = sorted({key[0] for key in keys})
+    per_draw = [statistics.mean(a[key] - b[key] for key in keys if key[0] == dr) for dr in draws]
+    return {"mean_diff": statistics.mean(d), "ci95": t_interval(d), "pairs": len(d),
+            "ci95_over_draw_means": t_interval(per_draw), "draws": len(draws)}
 
 
 def summarize(records: list[dict], ks: list[int], recipe: dict, budget: int) -> list[dict]:
-    """One record per (variant, k) of the test stage, in issue 10's schema."""
+    """One record per (variant, k) of the test stage, in issue 10's schema. The strongest baseline of a cell is the
+    one with the highest test mean: a choice made on the test split, which can only favour the baselines."""
     out = []
     for k in ks:
         final = [r for r in records if r["stage"] == "final" and r["k"] == k and "variant" in r]
-        names = BASELINES + [v for v in dict.fromkeys(r["variant"] for r in final) if v not in BASELINES]
-        runs = {v: [r for r in final if r["variant"] == v] for v in names}
-        runs = {v: rs for v, rs in runs.items() if rs}
-        keyed = {v: {(r["draw"], r["seed"]): r["accuracy"] for r in rs} for v, rs in runs.items()}
-        means = {v: statistics.mean(keyed[v].values()) for v in runs}
+        runs = {}
+        for r in final:  # one run per (variant, draw, seed): the first written
+            runs.setdefault(r["variant"], {}).setdefault((r["draw"], r["seed"]), r)
+        names = [v for v in BASELINES if v in runs] + [v for v in runs if v not in BASELINES]
+        keyed = {v: {key: r["accuracy"] for key, r in runs[v].items()} for v in names}
+        means = {v: statistics.mean(keyed[v].values()) for v in names}
         base = [v for v in BASELINES if v in runs]
         best = max(base, key=means.get) if base else None
-        for v, rs in runs.items():
+        for v in names:
+            rs = sorted(runs[v].values(), key=lambda r: (r["draw"], r["seed"]))
             acc = [r["accuracy"] for r in rs]
             half = [r["half"] for r in rs if not math.isnan(r["half"])]
             rec = {"variant": v, "kind": "baseline" if v in BASELINES else "flowaug", "k": k, "mean": means[v],
-                   "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                   "std": statistics.stdev(acc) if len(acc) > 1 else None,
                    "runs": [{"draw": r["draw"], "seed": r["seed"], "accuracy": r["accuracy"]} for r in rs],
                    "optimizer_steps": budget, "mean_at_half_budget": statistics.mean(half) if half else None}
             if v not in BASELINES:
@@ -368,13 +386,17 @@ def render_table(records: list[dict], ks: list[int]) -> str:
             if r is None:
                 cells.append("")
                 continue
-            cell = f"{r['mean']:.1f} ± {r['std']:.1f} ({len(r['runs'])})"
+            cell = f"{r['mean']:.1f} ± {r['std'] or 0:.1f} ({len(r['runs'])})"
             c = r.get("vs_best_baseline")
             if c and c["ci95"]:
                 cell += f" {c['mean_diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+                if c.get("ci95_over_draw_means"):
+                    lo, hi = c["ci95_over_draw_means"]
+                    cell += f", draws [{lo:+.1f}, {hi:+.1f}]"
             cells.append(cell)
         rows.append([v, *cells])
-    return markdown_table(["variant (mean ± std (runs); flowaug: paired diff vs best baseline [95% CI])",
+    return markdown_table(["variant (mean ± std (runs); flowaug: paired diff vs best baseline [95% CI over runs], "
+                           "draws [95% CI over per-draw means])",
                            *[f"k={k}" for k in ks]], rows)
 
 
@@ -421,7 +443,11 @@ def main(argv=None):
     if args.quick:
         args.k, args.draws, args.seeds, args.select_seeds, args.budget_steps, args.per_class = [10], 1, 1, 1, 60, 20
     args.out = args.out or f"benchmarks/results/budget_{args.source}_{args.target}{'_quick' if args.quick else ''}.json"
-    args.partial = args.out[: -len(".json")] + ".cells.jsonl"
+    if args.draws > SELECT_DRAW:
+        p.error(f"--draws must be at most {SELECT_DRAW}: draw {SELECT_DRAW} is the selection draw")
+    # the records of one setting live in one file: a rerun with another budget or source size never mixes them
+    setting = "" if (args.budget_steps, args.per_class) == (2000, 200) else f".b{args.budget_steps}.pc{args.per_class}"
+    args.partial = args.out[: -len(".json")] + setting + ".cells.jsonl"
     t0 = time.time()
     if args.recipes_from:
         with open(args.recipes_from) as handle:
@@ -438,13 +464,15 @@ def main(argv=None):
         units = [("final", k, d, s, BASELINES + [recipe[k]] + ([recipe[k] + OT_SUFFIX] if s == 0 else []))
                  for s in range(args.seeds) for k in args.k for d in range(args.draws)]
         run_units(args, units)
-    everything = read_records(args.partial)
+    wanted = {1000 * d + s for d in range(args.draws) for s in range(args.seeds)}
+    everything = [r for r in read_records(args.partial) if r["stage"] == "select" or "seed" not in r or r["seed"] in wanted]
     records = summarize(everything, args.k, recipe, args.budget_steps)
     table = render_table(records, args.k)
     print(table)
     extras = {}
-    for kind, key in (("diversity", "diversity"), ("ot labels", "agreement")):
-        extras[kind] = {k: [r[key] for r in everything if r.get("kind") == kind and r["k"] == k and r["stage"] == "final"]
+    for kind, key in (("diversity", "diversity"), ("ot labels", "agreement")):  # one per draw (a resumed unit
+        extras[kind] = {k: {r["draw"]: r[key] for r in everything  # may have written one twice)
+                            if r.get("kind") == kind and r["k"] == k and r["stage"] == "final" and r["draw"] < args.draws}
                         for k in args.k}
     png = args.out[: -len(".json")] + ".png"
     picture(args, args.k, png)
