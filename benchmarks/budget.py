@@ -486,6 +486,9 @@ def main(argv=None):
                               f"flow settings {FLOW} (the published-protocol run's)",
             "validation_accuracy": selection},
         "recipe": recipe, "records": records, "table": table,
+        "best_baseline_rule": "per cell, the baseline with the highest test mean (a test-split choice that can only "
+                              "favour the baselines); ci95 is over paired runs, ci95_over_draw_means over the "
+                              "per-draw mean differences (df = draws - 1)",
         "diversity_per_draw": extras["diversity"], "ot_label_agreement_per_draw": extras["ot labels"],
         "picture": os.path.basename(png), "planned_runs": args.draws * args.seeds, "config": vars(args),
         "machine": machine(), "seconds_this_invocation": time.time() - t0})
