@@ -438,6 +438,8 @@ def main(argv=None):
     p.add_argument("--cache", default="benchmarks/out/flow_cache", help="FlowDataset cache of the flowed sources")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=None, help="default: benchmarks/results/budget_<source>_<target>.json")
+    p.add_argument("--report", action="store_true", help="no training: tables, JSON and picture from the records "
+                   "already in the cells file")
     p.add_argument("--quick", action="store_true", help="k=10, one draw and seed, 60 steps, 20 source images per class")
     args = p.parse_args(argv)
     if args.quick:
@@ -456,11 +458,12 @@ def main(argv=None):
         selection = {"taken_from": f"{other['source']} -> {other['target']} ({os.path.basename(args.recipes_from)})",
                      **other["selection"]}
     else:
-        run_units(args, [("select", k, SELECT_DRAW, s, list(CANDIDATES)) for k in args.k
-                         for s in range(args.select_seeds)])
+        if not args.report:
+            run_units(args, [("select", k, SELECT_DRAW, s, list(CANDIDATES)) for k in args.k
+                             for s in range(args.select_seeds)])
         selection, recipe = choose_recipes(read_records(args.partial), args.k)
     print("recipes fixed on validation:", recipe, flush=True)
-    if args.stop_after == "final":
+    if args.stop_after == "final" and not args.report:
         units = [("final", k, d, s, BASELINES + [recipe[k]] + ([recipe[k] + OT_SUFFIX] if s == 0 else []))
                  for s in range(args.seeds) for k in args.k for d in range(args.draws)]
         run_units(args, units)
