@@ -65,7 +65,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 import flowaug  # noqa: E402
 from benchmarks.common import machine, markdown_table, write_json  # noqa: E402
 from flowaug.data import load_dataset, resize_images  # noqa: E402
-from flowaug.demo import LeNet5, per_class  # noqa: E402
+from flowaug.demo import LeNet5, accuracy, per_class  # noqa: E402
 
 PRETRAIN = "pretrain on raw source, fine-tune on target"
 BASELINES = ["target only", "target + aug", "target + raw source", "target + raw source + aug", PRETRAIN,
@@ -112,14 +112,6 @@ class Cycle:
         return self.order[self.pos - b: self.pos]
 
 
-@torch.no_grad()
-def accuracy(model, x, y) -> float:
-    model.eval()
-    hits = sum(int((model(x[i: i + 2048]).argmax(1) == y[i: i + 2048]).sum()) for i in range(0, len(x), 2048))
-    model.train()
-    return 100.0 * hits / len(x)
-
-
 def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None):
     """``steps`` AdamW steps on batches of 64 drawn from the union of ``target`` (x, y) and ``source`` (a callable
     ``(indices, step) -> (x, y)`` with a length ``n``); either may be None. Returns (accuracy at half the steps,
@@ -148,7 +140,8 @@ def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None
         loss.backward()
         opt.step()
         if step + 1 in (steps // 2, steps):
-            accs.append(accuracy(model, *score))
+            with torch.no_grad():  # LeNet-5 has no dropout or batch norm: train/eval modes agree
+                accs.append(accuracy(model, *score) * 100)
     return accs, model
 
 
