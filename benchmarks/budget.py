@@ -11,7 +11,9 @@ and source (what a practitioner does with ``ConcatDataset``; the same rule for b
 any score was seen). The test split of the target only scores, at half and at the full budget.
 
   baselines  target only | target + aug | target + raw source | target + raw source + aug |
-             pretrain on raw source (half the budget), then fine-tune on the target (the other half)
+             pretrain on raw source (half the budget), then fine-tune on the target (the other half), without and
+             with aug | target + raw source + aug with half of every batch from the target (added with the late
+             candidates: it sees the target as often as pretrain + fine-tune does)
   recipes    (candidates; each + aug, class-wise Sinkhorn flow of the source toward the k shots with FlowDataset,
              class_map="same", 10 steps of 0.2, every step kept as a snapshot)
              flowed source (t = 1) | half-flowed source (t = 0.5) | raw + flowed source |
@@ -22,7 +24,9 @@ any score was seen). The test split of the target only scores, at half and at th
              added after the first results, when these lost to pretrain + fine-tune + aug at k >= 5 (the same
              selection decides between old and new): pretrain on raw + flowed source, fine-tune on the target |
              pretrain on raw source, fine-tune on target + flowed source | pretrain on raw + flowed source,
-             fine-tune on target + flowed source (each + aug in both phases, half the budget per phase)
+             fine-tune on target + flowed source (each + aug in both phases, half the budget per phase) |
+             target + raw + flowed source + aug with half of every batch from the target (and, as a baseline,
+             target + raw source + aug sampled the same way)
 
 "aug" is the standard augmentation for digits, applied per sample on every batch: a random affine map with
 torchvision ``RandomAffine(15, (0.1, 0.1), (0.9, 1.1), 10)``'s rotation, scale and shear ranges, drawn independently
@@ -72,20 +76,27 @@ from flowaug.data import load_dataset, resize_images  # noqa: E402
 from flowaug.demo import LeNet5, accuracy, per_class  # noqa: E402
 
 PRETRAIN = "pretrain on raw source, fine-tune on target"
+BALANCED = ", half of each batch from the target"
 BASELINES = ["target only", "target + aug", "target + raw source", "target + raw source + aug", PRETRAIN,
-             PRETRAIN + " (+ aug in both)"]
-#: candidate recipe -> (source of a pretraining phase, or None; source mixed into the target batches, or None);
-#: all with aug, class_map="same". A pretraining phase takes half the budget, as in the PRETRAIN baseline.
-CANDIDATES = {"target + flowed source + aug": (None, "flowed"), "target + half-flowed source + aug": (None, "half"),
-              "target + raw + flowed source + aug": (None, "raw + flowed"),
-              "target + randomly flowed source + aug": (None, "random"),
-              "target + FlowAnnealing curriculum + aug": (None, "curriculum")}
+             PRETRAIN + " (+ aug in both)", "target + raw source + aug" + BALANCED]
+#: candidate recipe -> (source of a pretraining phase, or None; source mixed into the target batches, or None;
+#: share of each batch drawn from the target, or None: uniform over target + source); all with aug,
+#: class_map="same". A pretraining phase takes half the budget, as in the PRETRAIN baseline.
+CANDIDATES = {"target + flowed source + aug": (None, "flowed", None),
+              "target + half-flowed source + aug": (None, "half", None),
+              "target + raw + flowed source + aug": (None, "raw + flowed", None),
+              "target + randomly flowed source + aug": (None, "random", None),
+              "target + FlowAnnealing curriculum + aug": (None, "curriculum", None)}
 #: added after the first results (issue 10: the recipes above lost to PRETRAIN + aug at k >= 5): the same
 #: selection on validation decides between all candidates, old and new
-LATE_CANDIDATES = {"pretrain on raw + flowed source, fine-tune on target (+ aug in both)": ("raw + flowed", None),
-                   "pretrain on raw source, fine-tune on target + flowed source (+ aug in both)": ("raw", "flowed"),
-                   "pretrain on raw + flowed source, fine-tune on target + flowed source (+ aug in both)":
-                       ("raw + flowed", "flowed")}
+#: (pretraining, then fine-tuning, sees the target in as many batches as half-target batches do: the balanced
+#: baseline above was added with them)
+LATE_CANDIDATES = {
+    "pretrain on raw + flowed source, fine-tune on target (+ aug in both)": ("raw + flowed", None, None),
+    "pretrain on raw source, fine-tune on target + flowed source (+ aug in both)": ("raw", "flowed", None),
+    "pretrain on raw + flowed source, fine-tune on target + flowed source (+ aug in both)":
+        ("raw + flowed", "flowed", None),
+    "target + raw + flowed source + aug" + BALANCED: (None, "raw + flowed", 0.5)}
 CANDIDATES.update(LATE_CANDIDATES)
 OT_SUFFIX = " [class_map=ot]"
 FLOW = dict(steps=10, step_size=0.2, labels="flow", snapshots=11)
@@ -127,19 +138,27 @@ class Cycle:
         return self.order[self.pos - b: self.pos]
 
 
-def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None):
+def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None, target_share=None):
     """``steps`` AdamW steps on batches of 64 drawn from the union of ``target`` (x, y) and ``source`` (a callable
-    ``(indices, step) -> (x, y)`` with a length ``n``); either may be None. Returns (accuracy at half the steps,
-    accuracy at the end) on ``score`` = (x, y), and the model."""
+    ``(indices, step) -> (x, y)`` with a length ``n``); either may be None. ``target_share``: the fraction of
+    every batch drawn from the target (its own cycle), the rest from the source; None: uniform over the union.
+    Returns (accuracy at half the steps, accuracy at the end) on ``score`` = (x, y), and the model."""
     torch.manual_seed(seed)
     model = model if model is not None else LeNet5(first=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     n_t = 0 if target is None else len(target[0])
-    cycle = Cycle(n_t + (0 if source is None else source.n), g)
+    n_s = 0 if source is None else source.n
+    if target_share is None:
+        cycle = Cycle(n_t + n_s, g)
+    else:
+        from_target, cycle_t, cycle_s = round(64 * target_share), Cycle(n_t, g), Cycle(n_s, g)
     accs = []
     for step in range(steps):
-        idx = cycle.take(64)
+        if target_share is None:
+            idx = cycle.take(64)
+        else:
+            idx = torch.cat([cycle_t.take(from_target), cycle_s.take(64 - from_target) + n_t])
         from_t = idx < n_t
         xs, ys = [], []
         if from_t.any():
@@ -271,7 +290,8 @@ def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: lis
             accs = [float("nan"), accs[-1]]  # half the budget is the end of pretraining: not a comparable point
         elif v in BASELINES:
             src = Source("raw", raw, None, args.budget_steps, None) if "raw" in v else None
-            accs, _ = train(shots, src, score, steps=args.budget_steps, seed=seed, aug=v.endswith("aug"))
+            accs, _ = train(shots, src, score, steps=args.budget_steps, seed=seed, aug="+ aug" in v,
+                            target_share=0.5 if v.endswith(BALANCED) else None)
         else:
             name, class_map = (v[: -len(OT_SUFFIX)], "ot") if v.endswith(OT_SUFFIX) else (v, "same")
             if class_map not in flows:
@@ -292,7 +312,7 @@ def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: lis
 def train_candidate(spec: tuple, raw, flowed: dict, shots, score, budget: int, seed: int) -> list[float]:
     """A flowaug recipe (``CANDIDATES`` spec) with aug: optionally pretrain on a source alone for half the budget,
     then train on the target (+ a source) for the rest. Returns the accuracy at half and at the full budget."""
-    pre_kind, kind = spec
+    pre_kind, kind, share = spec
     g = torch.Generator().manual_seed(seed + 77)
     model, steps = None, budget
     if pre_kind is not None:
@@ -300,7 +320,7 @@ def train_candidate(spec: tuple, raw, flowed: dict, shots, score, budget: int, s
                          aug=True)
         steps = budget - budget // 2
     src = None if kind is None else Source(kind, raw, flowed, steps, g)
-    accs, _ = train(shots, src, score, steps=steps, seed=seed, aug=True, model=model)
+    accs, _ = train(shots, src, score, steps=steps, seed=seed, aug=True, model=model, target_share=share)
     return accs if pre_kind is None else [float("nan"), accs[-1]]
 
 
@@ -425,6 +445,23 @@ def render_table(records: list[dict], ks: list[int]) -> str:
                            *[f"k={k}" for k in ks]], rows)
 
 
+def recipe_table(records: list[dict], pair: str) -> str:
+    """One row per k: the recipe fixed on validation against the strongest baseline of its cell."""
+    rows = []
+    for r in records:
+        c = r.get("vs_best_baseline")
+        if not r.get("recipe") or not c or not c["ci95"]:
+            continue
+        b = next(x for x in records if x["variant"] == c["baseline"] and x["k"] == r["k"])
+        draws = c.get("ci95_over_draw_means") or [math.nan, math.nan]
+        rows.append([pair, r["k"], r["variant"], f"{r['mean']:.1f} ± {r['std']:.1f}", c["baseline"],
+                     f"{b['mean']:.1f} ± {b['std']:.1f}", f"{c['mean_diff']:+.1f}",
+                     f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]", f"[{draws[0]:+.1f}, {draws[1]:+.1f}]",
+                     c["pairs"]])
+    return markdown_table(["pair", "k", "recipe (fixed on validation)", "recipe", "strongest baseline (by test mean)",
+                           "baseline", "paired diff", "95% CI, runs", "95% CI, draw means", "runs"], rows)
+
+
 def picture(args, ks: list[int], path: str) -> None:
     """Source / flowed / target images of draw 0 (one per class), for up to two k (cached flows are reused)."""
     from flowaug.plotting import image_grid
@@ -497,6 +534,8 @@ def main(argv=None):
     records = summarize(everything, args.k, recipe, args.budget_steps)
     table = render_table(records, args.k)
     print(table)
+    summary = recipe_table(records, f"{args.source} -> {args.target}")
+    print(summary)
     extras = {}
     for kind, key in (("diversity", "diversity"), ("ot labels", "agreement")):  # one per draw (a resumed unit
         extras[kind] = {k: {r["draw"]: r[key] for r in everything  # may have written one twice)
@@ -513,7 +552,7 @@ def main(argv=None):
             "fixed_a_priori": "budget, batch, optimizer, concatenation of target and source, augmentation ranges, "
                               f"flow settings {FLOW} (the published-protocol run's)",
             "validation_accuracy": selection},
-        "recipe": recipe, "records": records, "table": table,
+        "recipe": recipe, "records": records, "table": table, "recipe_table": summary,
         "best_baseline_rule": "per cell, the baseline with the highest test mean (a test-split choice that can only "
                               "favour the baselines); ci95 is over paired runs, ci95_over_draw_means over the "
                               "per-draw mean differences (df = draws - 1)",
