@@ -64,6 +64,7 @@ def fit(dataset, steps=300, sampler=None):
 
 
 baseline = ConcatDataset([WithTransform(d, augment) for d in (TensorDataset(*shots), source)])
+# half of the draws from the target in expectation (the benchmark draws exactly 32 + 32 per batch of 64)
 half = torch.cat([torch.full((len(shots[0]),), 0.5 / len(shots[0])), torch.full((len(source),), 0.5 / len(source))])
 print(f"target + raw source + aug:                    {fit(baseline):.1f}% on the target domain")
 print(f"  the same, half of each batch from the target: "
