@@ -2,8 +2,8 @@
 target images + the raw source + the source flowed class-wise toward the target, with standard augmentation.
 
 Compare it with the baseline that was hardest to beat there: target + raw source + augmentation with half of
-every batch drawn from the target (a WeightedRandomSampler). At k = 1 the recipe was ahead of it on MNIST -> USPS
-and USPS -> MNIST, but within the noise; at k >= 5 it was not ahead (benchmarks/README.md has the numbers).
+every batch drawn from the target (a WeightedRandomSampler). At k = 1 the recipe and it were within the noise of each
+other on MNIST -> USPS and USPS -> MNIST; at k >= 5 it was not ahead (benchmarks/README.md has the numbers).
 
 Each dataset is an ordinary map-style Dataset; ConcatDataset mixes them as a practitioner would, and the flowed
 source is computed once by FlowDataset (precompute mode, cacheable on disk). Toy domains here (seconds); the
