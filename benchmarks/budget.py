@@ -83,26 +83,29 @@ from flowaug.demo import LeNet5, accuracy, per_class  # noqa: E402
 
 PRETRAIN = "pretrain on raw source, fine-tune on target"
 BALANCED = ", half of each batch from the target"
-BASELINES = ["target only", "target + aug", "target + raw source", "target + raw source + aug", PRETRAIN,
-             PRETRAIN + " (+ aug in both)", "target + raw source + aug" + BALANCED]
-#: candidate recipe -> (source of a pretraining phase, or None; source mixed into the target batches, or None;
-#: share of each batch drawn from the target, or None: uniform over target + source); all with aug,
-#: class_map="same". A pretraining phase takes half the budget, as in the PRETRAIN baseline.
-CANDIDATES = {"target + flowed source + aug": (None, "flowed", None),
-              "target + half-flowed source + aug": (None, "half", None),
-              "target + raw + flowed source + aug": (None, "raw + flowed", None),
-              "target + randomly flowed source + aug": (None, "random", None),
-              "target + FlowAnnealing curriculum + aug": (None, "curriculum", None)}
+#: every variant, baseline or recipe, is one spec: (source of a pretraining phase, or None; source mixed into the
+#: target batches, or None; share of each batch drawn from the target, or None: uniform over target + source;
+#: aug). A pretraining phase takes half the budget. Source kinds are ``Source``'s.
+BASELINES = {"target only": (None, None, None, False), "target + aug": (None, None, None, True),
+             "target + raw source": (None, "raw", None, False), "target + raw source + aug": (None, "raw", None, True),
+             PRETRAIN: ("raw", None, None, False), PRETRAIN + " (+ aug in both)": ("raw", None, None, True),
+             "target + raw source + aug" + BALANCED: (None, "raw", 0.5, True)}
+#: candidate recipes: all with aug, class_map="same"
+CANDIDATES = {"target + flowed source + aug": (None, "flowed", None, True),
+              "target + half-flowed source + aug": (None, "half", None, True),
+              "target + raw + flowed source + aug": (None, "raw + flowed", None, True),
+              "target + randomly flowed source + aug": (None, "random", None, True),
+              "target + FlowAnnealing curriculum + aug": (None, "curriculum", None, True)}
 #: added after the first results (issue 10: the recipes above lost to PRETRAIN + aug at k >= 5): the same
 #: selection on validation decides between all candidates, old and new
 #: (pretraining, then fine-tuning, sees the target in as many batches as half-target batches do: the balanced
 #: baseline above was added with them)
 LATE_CANDIDATES = {
-    "pretrain on raw + flowed source, fine-tune on target (+ aug in both)": ("raw + flowed", None, None),
-    "pretrain on raw source, fine-tune on target + flowed source (+ aug in both)": ("raw", "flowed", None),
+    "pretrain on raw + flowed source, fine-tune on target (+ aug in both)": ("raw + flowed", None, None, True),
+    "pretrain on raw source, fine-tune on target + flowed source (+ aug in both)": ("raw", "flowed", None, True),
     "pretrain on raw + flowed source, fine-tune on target + flowed source (+ aug in both)":
-        ("raw + flowed", "flowed", None),
-    "target + raw + flowed source + aug" + BALANCED: (None, "raw + flowed", 0.5)}
+        ("raw + flowed", "flowed", None, True),
+    "target + raw + flowed source + aug" + BALANCED: (None, "raw + flowed", 0.5, True)}
 CANDIDATES.update(LATE_CANDIDATES)
 OT_SUFFIX = " [class_map=ot]"
 FLOW = dict(steps=10, step_size=0.2, labels="flow", snapshots=11)
@@ -289,46 +292,36 @@ def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: lis
     flows = {}
     for v in variants:
         t0 = time.perf_counter()
-        if v in BASELINES and v.startswith(PRETRAIN):  # pretrain on the raw source, then fine-tune on the target
-            aug = v.endswith("aug in both)")
-            _, pre = train(None, Source("raw", raw, None, 0, None), score, steps=args.budget_steps // 2, seed=seed,
-                           aug=aug)
-            accs, _ = train(shots, None, score, steps=args.budget_steps - args.budget_steps // 2, seed=seed,
-                            aug=aug, model=pre)
-            accs = [float("nan"), accs[-1]]  # half the budget is the end of pretraining: not a comparable point
-        elif v in BASELINES:
-            src = Source("raw", raw, None, args.budget_steps, None) if "raw" in v else None
-            accs, _ = train(shots, src, score, steps=args.budget_steps, seed=seed, aug="+ aug" in v,
-                            target_share=0.5 if v.endswith(BALANCED) else None)
-        else:
-            name, class_map = (v[: -len(OT_SUFFIX)], "ot") if v.endswith(OT_SUFFIX) else (v, "same")
-            if class_map not in flows:
-                flows[class_map] = flow_source(raw, shots, class_map=class_map, seed=draw, cache_dir=args.cache)
-                if class_map == "same" and seed_index == 0:
-                    append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "diversity",
-                                          "diversity": diversity(raw, flows["same"], shots, data[2])})
-                if class_map == "ot":
-                    agree = float((flows["ot"]["labels"] == raw[1]).float().mean())
-                    append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "ot labels",
-                                          "agreement": agree})
-            accs = train_candidate(CANDIDATES[name], raw, flows[class_map], shots, score, args.budget_steps, seed)
+        name, class_map = (v[: -len(OT_SUFFIX)], "ot") if v.endswith(OT_SUFFIX) else (v, "same")
+        if name in CANDIDATES and class_map not in flows:  # baselines use the raw source only
+            flows[class_map] = flow_source(raw, shots, class_map=class_map, seed=draw, cache_dir=args.cache)
+            if class_map == "same" and seed_index == 0:
+                append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "diversity",
+                                      "diversity": diversity(raw, flows["same"], shots, data[2])})
+            if class_map == "ot":
+                agree = float((flows["ot"]["labels"] == raw[1]).float().mean())
+                append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "ot labels",
+                                      "agreement": agree})
+        spec = BASELINES[name] if name in BASELINES else CANDIDATES[name]
+        accs = train_variant(spec, raw, flows.get(class_map), shots, score, args.budget_steps, seed)
         append(args.partial, {"stage": stage, "k": k, "draw": draw, "seed": seed, "variant": v, "half": accs[0],
                               "accuracy": accs[1], "seconds": time.perf_counter() - t0})
         print(f"[{stage}] k={k} draw {draw} seed {seed}: {v} {accs[1]:.1f}", flush=True)
 
 
-def train_candidate(spec: tuple, raw, flowed: dict, shots, score, budget: int, seed: int) -> list[float]:
-    """A flowaug recipe (``CANDIDATES`` spec) with aug: optionally pretrain on a source alone for half the budget,
-    then train on the target (+ a source) for the rest. Returns the accuracy at half and at the full budget."""
-    pre_kind, kind, share = spec
+def train_variant(spec: tuple, raw, flowed: dict | None, shots, score, budget: int, seed: int) -> list[float]:
+    """A baseline or recipe (``BASELINES`` / ``CANDIDATES`` spec): optionally pretrain on a source alone for half
+    the budget, then train on the target (+ a source) for the rest. Returns the accuracy at half and at the full
+    budget (NaN at half after a pretraining phase: that is its end, not a comparable point)."""
+    pre_kind, kind, share, aug = spec
     g = torch.Generator().manual_seed(seed + 77)
     model, steps = None, budget
     if pre_kind is not None:
         _, model = train(None, Source(pre_kind, raw, flowed, budget // 2, g), score, steps=budget // 2, seed=seed,
-                         aug=True)
+                         aug=aug)
         steps = budget - budget // 2
     src = None if kind is None else Source(kind, raw, flowed, steps, g)
-    accs, _ = train(shots, src, score, steps=steps, seed=seed, aug=True, model=model, target_share=share)
+    accs, _ = train(shots, src, score, steps=steps, seed=seed, aug=aug, model=model, target_share=share)
     return accs if pre_kind is None else [float("nan"), accs[-1]]
 
 
@@ -535,7 +528,7 @@ def main(argv=None):
         selection, recipe = choose_recipes(read_records(args.partial), args.k)
     print("recipes fixed on validation:", recipe, flush=True)
     if args.stop_after == "final" and not args.report:
-        units = [("final", k, d, s, BASELINES + [recipe[k]] + ([recipe[k] + OT_SUFFIX] if s == 0 else []))
+        units = [("final", k, d, s, list(BASELINES) + [recipe[k]] + ([recipe[k] + OT_SUFFIX] if s == 0 else []))
                  for s in range(args.seeds) for k in args.k for d in range(args.draws)]
         run_units(args, units)
     wanted = {1000 * d + s for d in range(args.draws) for s in range(args.seeds)}
