@@ -30,6 +30,11 @@ split of the target only scores, at half and at the full budget.
              fine-tune on target + flowed source (each + aug in both phases, half the budget per phase) |
              target + raw + flowed source + aug with half of every batch from the target (and, as a baseline,
              target + raw source + aug sampled the same way)
+             a third round, added after the second round's results (k = 1 came closest, and there the flowed
+             source collapses onto the single shot): the two raw + flowed recipes, uniform and half-target
+             batches, with the source flowed toward the shots plus random-affine copies of them (aug's ranges, at
+             least 20 reference images per class: 19 copies per shot at k = 1, 3 at k = 5, 1 at k = 10, none at
+             k = 100)
 
 "aug" is the standard augmentation for digits, applied per sample on every batch: a random affine map with
 torchvision ``RandomAffine(15, (0.1, 0.1), (0.9, 1.1), 10)``'s rotation, scale and shear ranges, drawn independently
@@ -107,6 +112,15 @@ LATE_CANDIDATES = {
         ("raw + flowed", "flowed", None, True),
     "target + raw + flowed source + aug" + BALANCED: (None, "raw + flowed", 0.5, True)}
 CANDIDATES.update(LATE_CANDIDATES)
+#: a third round, added after the second round's test results: k = 1 came closest, and there the flowed source
+#: collapses onto the single shot per class (see ``diversity``). These flow the source toward the shots *plus
+#: random-affine copies of them* (aug's ranges; at least ``REF_PER_CLASS`` reference images per class), so that the
+#: flow has a target distribution with some variety to spread over. Selected on validation with all the others.
+AUG_REF = "source flowed toward augmented shots"
+THIRD_CANDIDATES = {f"target + raw + {AUG_REF} + aug": (None, "raw + flowed", None, True),
+                    f"target + raw + {AUG_REF} + aug" + BALANCED: (None, "raw + flowed", 0.5, True)}
+CANDIDATES.update(THIRD_CANDIDATES)
+REF_PER_CLASS = 20
 OT_SUFFIX = " [class_map=ot]"
 FLOW = dict(steps=10, step_size=0.2, labels="flow", snapshots=11)
 SELECT_DRAW, VAL_PER_CLASS, VAL_SEED = 10, 100, 12345
@@ -244,9 +258,21 @@ def draw_data(data, k: int, draw: int, per_class_source: int):
     return per_class(sx, sy, per_class_source, seed=100 + draw), per_class(tx, ty, k, seed=draw)
 
 
-def flow_source(raw, shots, *, class_map: str, seed: int, cache_dir: str | None) -> dict:
-    """Class-wise Sinkhorn flow of the source toward the shots (FlowDataset precompute, every step kept)."""
-    fd = flowaug.FlowDataset(TensorDataset(*raw), shots, class_map=class_map, seed=seed, progress=False,
+def augmented_shots(shots, seed: int):
+    """The shots plus random-affine copies of each (aug's ranges, seeded): at least ``REF_PER_CLASS`` per class."""
+    x, y = shots  # (n, 1, H, W), (n,)
+    copies = -(-REF_PER_CLASS // int(torch.bincount(y).min())) - 1
+    if copies <= 0:
+        return shots
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.cat([x, random_affine(x.repeat(copies, 1, 1, 1), g)]), torch.cat([y, y.repeat(copies)])
+
+
+def flow_source(raw, shots, *, class_map: str, seed: int, cache_dir: str | None, augmented: bool = False) -> dict:
+    """Class-wise Sinkhorn flow of the source toward the shots, or toward ``augmented_shots`` (FlowDataset
+    precompute, every step kept)."""
+    reference = augmented_shots(shots, seed) if augmented else shots
+    fd = flowaug.FlowDataset(TensorDataset(*raw), reference, class_map=class_map, seed=seed, progress=False,
                              cache_dir=cache_dir, **FLOW)
     snaps = []
     for s in fd.snapshot_steps:
@@ -293,17 +319,20 @@ def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: lis
     for v in variants:
         t0 = time.perf_counter()
         name, class_map = (v[: -len(OT_SUFFIX)], "ot") if v.endswith(OT_SUFFIX) else (v, "same")
-        if name in CANDIDATES and class_map not in flows:  # baselines use the raw source only
-            flows[class_map] = flow_source(raw, shots, class_map=class_map, seed=draw, cache_dir=args.cache)
+        augmented = name in THIRD_CANDIDATES
+        key, tag = (class_map, augmented), (", augmented reference" if augmented else "")
+        if name in CANDIDATES and key not in flows:  # baselines use the raw source only
+            flows[key] = flow_source(raw, shots, class_map=class_map, seed=draw, cache_dir=args.cache,
+                                     augmented=augmented)
             if class_map == "same" and seed_index == 0:
-                append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "diversity",
-                                      "diversity": diversity(raw, flows["same"], shots, data[2])})
+                append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "diversity" + tag,
+                                      "diversity": diversity(raw, flows[key], shots, data[2])})
             if class_map == "ot":
-                agree = float((flows["ot"]["labels"] == raw[1]).float().mean())
-                append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "ot labels",
+                agree = float((flows[key]["labels"] == raw[1]).float().mean())
+                append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "ot labels" + tag,
                                       "agreement": agree})
         spec = BASELINES[name] if name in BASELINES else CANDIDATES[name]
-        accs = train_variant(spec, raw, flows.get(class_map), shots, score, args.budget_steps, seed)
+        accs = train_variant(spec, raw, flows.get(key), shots, score, args.budget_steps, seed)
         append(args.partial, {"stage": stage, "k": k, "draw": draw, "seed": seed, "variant": v, "half": accs[0],
                               "accuracy": accs[1], "seconds": time.perf_counter() - t0})
         print(f"[{stage}] k={k} draw {draw} seed {seed}: {v} {accs[1]:.1f}", flush=True)
@@ -477,9 +506,13 @@ def picture(args, ks: list[int], path: str) -> None:
         rand = Source("random", raw, f, 1, g)(first, 0)[0]
         if not rows:
             rows.append(raw[0][first]), labels.append(f"{args.source} (raw)")
-        rows += [f["snapshots"][5][first], f["snapshots"][-1][first], rand,
-                 shots[0][torch.stack([torch.nonzero(shots[1] == c)[0, 0] for c in range(10)])]]
-        labels += [f"k={k}: t=0.5", f"k={k}: t=1", f"k={k}: random t", f"k={k}: {args.target} shot"]
+        rows += [f["snapshots"][5][first], f["snapshots"][-1][first], rand]
+        labels += [f"k={k}: t=0.5", f"k={k}: t=1", f"k={k}: random t"]
+        if k < REF_PER_CLASS:  # the third round's flow toward augmented shots (identical from REF_PER_CLASS on)
+            fa = flow_source(raw, shots, class_map="same", seed=0, cache_dir=args.cache, augmented=True)
+            rows.append(fa["snapshots"][-1][first]), labels.append(f"k={k}: t=1, augmented shots")
+        rows.append(shots[0][torch.stack([torch.nonzero(shots[1] == c)[0, 0] for c in range(10)])])
+        labels.append(f"k={k}: {args.target} shot")
     image_grid(rows, path, row_labels=labels, columns=10,
                title=f"{args.source} -> {args.target}: source flowed class-wise toward the k shots")
 
@@ -539,10 +572,13 @@ def main(argv=None):
     summary = recipe_table(records, f"{args.source} -> {args.target}")
     print(summary)
     extras = {}
-    for kind, key in (("diversity", "diversity"), ("ot labels", "agreement")):  # one per draw (a resumed unit
-        extras[kind] = {k: {r["draw"]: r[key] for r in everything  # may have written one twice)
+    for kind, key in (("diversity", "diversity"), ("ot labels", "agreement"), ("diversity, augmented reference",
+                      "diversity"), ("ot labels, augmented reference", "agreement")):  # one per draw (a resumed
+        extras[kind] = {k: {r["draw"]: r[key] for r in everything  # unit may have written one twice)
                             if r.get("kind") == kind and r["k"] == k and r["stage"] == "final" and r["draw"] < args.draws}
                         for k in args.k}
+        extras["selection draw: " + kind] = {k: r[key] for r in everything if r.get("kind") == kind
+                                             and r["stage"] == "select" for k in [r["k"]]}
     png = args.out[: -len(".json")] + ".png"
     picture(args, args.k, png)
     write_json(args.out, {
@@ -554,12 +590,17 @@ def main(argv=None):
             "fixed_a_priori": "budget, batch, optimizer, uniform sampling from the concatenation of target and "
                               f"source, augmentation ranges, flow settings {FLOW} (the published-protocol run's)",
             "added_after_first_results": sorted(LATE_CANDIDATES) + ["baseline: target + raw source + aug" + BALANCED],
+            "added_after_second_results": sorted(THIRD_CANDIDATES),
             "validation_accuracy": selection},
         "recipe": recipe, "records": records, "table": table, "recipe_table": summary,
         "best_baseline_rule": "per cell, the baseline with the highest test mean (a test-split choice that can only "
                               "favour the baselines); ci95 is over paired runs, ci95_over_draw_means over the "
                               "per-draw mean differences (df = draws - 1)",
         "diversity_per_draw": extras["diversity"], "ot_label_agreement_per_draw": extras["ot labels"],
+        "diversity_per_draw_augmented_reference": extras["diversity, augmented reference"],
+        "ot_label_agreement_per_draw_augmented_reference": extras["ot labels, augmented reference"],
+        "diversity_selection_draw": {kind: extras["selection draw: " + kind] for kind in ("diversity",
+                                     "diversity, augmented reference")},
         "picture": os.path.basename(png), "planned_runs": args.draws * args.seeds, "config": vars(args),
         "machine": machine(), "seconds_this_invocation": time.time() - t0})
     print(f"wrote {args.out} and {png} ({time.time() - t0:.0f} s)")
