@@ -61,7 +61,7 @@ each (2 cores: ``--jobs 2``).
     python benchmarks/budget.py --source mnist --target usps --k 1 5 10 100 --jobs 2 --data ../shared/data \\
         --out benchmarks/results/budget_mnist_usps.json
     python benchmarks/budget.py --source usps --target mnist --k 1 5 10 100 --jobs 2 --data ../shared/data \\
-        --out benchmarks/results/budget_usps_mnist.json
+        --recipes-from benchmarks/results/budget_mnist_usps.json --out benchmarks/results/budget_usps_mnist.json
     python benchmarks/budget.py --quick --data ../shared/data      # a smoke run: seconds, not a result
 """
 
@@ -445,7 +445,9 @@ def summarize(records: list[dict], ks: list[int], recipe: dict, budget: int) -> 
             if v not in BASELINES:
                 rec["flow_steps"] = FLOW["steps"]
                 rec["recipe"] = v == recipe.get(k)
-                rec["exploratory"] = v.endswith(OT_SUFFIX)
+                # exploratory: the ot rows (one seed per draw), and first-round recipes that the second round's
+                # selection replaced (their runs stopped where they were): neither is a claim
+                rec["exploratory"] = v.endswith(OT_SUFFIX) or v != recipe.get(k)
                 rec["vs_best_baseline"] = {"baseline": best, **paired(keyed[v], keyed[best])} if best else None
             out.append(rec)
     return out
@@ -462,6 +464,8 @@ def render_table(records: list[dict], ks: list[int]) -> str:
                 cells.append("")
                 continue
             cell = f"{r['mean']:.1f} ± {r['std'] or 0:.1f} ({len(r['runs'])})"
+            if r.get("exploratory"):
+                cell = "exploratory: " + cell
             c = r.get("vs_best_baseline")
             if c and c["ci95"]:
                 cell += f" {c['mean_diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
@@ -471,7 +475,7 @@ def render_table(records: list[dict], ks: list[int]) -> str:
             cells.append(cell)
         rows.append([v, *cells])
     return markdown_table(["variant (mean ± std (runs); flowaug: paired diff vs best baseline [95% CI over runs], "
-                           "draws [95% CI over per-draw means])",
+                           "draws [95% CI over per-draw means]; exploratory: not the recipe of that k)",
                            *[f"k={k}" for k in ks]], rows)
 
 
@@ -492,8 +496,9 @@ def recipe_table(records: list[dict], pair: str) -> str:
                            "baseline", "paired diff", "95% CI, runs", "95% CI, draw means", "runs"], rows)
 
 
-def picture(args, ks: list[int], path: str) -> None:
-    """Source / flowed / target images of draw 0 (one per class), for up to two k (cached flows are reused)."""
+def picture(args, ks: list[int], path: str, augmented_row: bool) -> None:
+    """Source / flowed / target images of draw 0 (one per class), for up to two k (cached flows are reused);
+    ``augmented_row``: also the third round's flow toward augmented shots (where this pair trained it)."""
     from flowaug.plotting import image_grid
 
     data = load_pair(args)
@@ -508,7 +513,7 @@ def picture(args, ks: list[int], path: str) -> None:
             rows.append(raw[0][first]), labels.append(f"{args.source} (raw)")
         rows += [f["snapshots"][5][first], f["snapshots"][-1][first], rand]
         labels += [f"k={k}: t=0.5", f"k={k}: t=1", f"k={k}: random t"]
-        if k < REF_PER_CLASS:  # the third round's flow toward augmented shots (identical from REF_PER_CLASS on)
+        if augmented_row and k < REF_PER_CLASS:  # the third round's flow toward augmented shots (identical from REF_PER_CLASS on)
             fa = flow_source(raw, shots, class_map="same", seed=0, cache_dir=args.cache, augmented=True)
             rows.append(fa["snapshots"][-1][first]), labels.append(f"k={k}: t=1, augmented shots")
         rows.append(shots[0][torch.stack([torch.nonzero(shots[1] == c)[0, 0] for c in range(10)])])
@@ -580,7 +585,8 @@ def main(argv=None):
         extras["selection draw: " + kind] = {k: r[key] for r in everything if r.get("kind") == kind
                                              and r["stage"] == "select" for k in [r["k"]]}
     png = args.out[: -len(".json")] + ".png"
-    picture(args, args.k, png)
+    third = any(r.get("variant", "").replace(OT_SUFFIX, "") in THIRD_CANDIDATES for r in everything)
+    picture(args, args.k, png, augmented_row=third)
     write_json(args.out, {
         "source": args.source, "target": args.target, "protocol": "budget", "budget_steps": args.budget_steps,
         "selection": selection if args.recipes_from else {
@@ -597,10 +603,12 @@ def main(argv=None):
                               "favour the baselines); ci95 is over paired runs, ci95_over_draw_means over the "
                               "per-draw mean differences (df = draws - 1)",
         "diversity_per_draw": extras["diversity"], "ot_label_agreement_per_draw": extras["ot labels"],
-        "diversity_per_draw_augmented_reference": extras["diversity, augmented reference"],
-        "ot_label_agreement_per_draw_augmented_reference": extras["ot labels, augmented reference"],
-        "diversity_selection_draw": {kind: extras["selection draw: " + kind] for kind in ("diversity",
-                                     "diversity, augmented reference")},
+        **{key: value for key, value in (  # the third round's, where this pair has them
+            ("diversity_per_draw_augmented_reference", extras["diversity, augmented reference"]),
+            ("ot_label_agreement_per_draw_augmented_reference", extras["ot labels, augmented reference"]),
+            ("diversity_selection_draw", {kind: extras["selection draw: " + kind] for kind in (
+                "diversity", "diversity, augmented reference") if extras["selection draw: " + kind]}))
+           if any(value.values())},
         "picture": os.path.basename(png), "planned_runs": args.draws * args.seeds, "config": vars(args),
         "machine": machine(), "seconds_this_invocation": time.time() - t0})
     print(f"wrote {args.out} and {png} ({time.time() - t0:.0f} s)")
