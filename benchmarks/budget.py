@@ -161,11 +161,12 @@ class Cycle:
         return self.order[self.pos - b: self.pos]
 
 
-def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None, target_share=None):
+def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None, target_share=None, evals=None):
     """``steps`` AdamW steps on batches of 64 drawn from the union of ``target`` (x, y) and ``source`` (a callable
     ``(indices, step) -> (x, y)`` with a length ``n``); either may be None. ``target_share``: the fraction of
     every batch drawn from the target (its own cycle), the rest from the source; None: uniform over the union.
-    Returns (accuracy at half the steps, accuracy at the end) on ``score`` = (x, y), and the model."""
+    Returns the accuracies on ``score`` = (x, y) after the steps in ``evals`` (default: half the steps and the
+    end), and the model. The batch stream does not depend on ``steps``: a longer run extends a shorter one."""
     torch.manual_seed(seed)
     model = model if model is not None else LeNet5(first=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
@@ -198,7 +199,7 @@ def train(target, source, score, *, steps: int, seed: int, aug: bool, model=None
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step + 1 in (steps // 2, steps):
+        if step + 1 in (evals or (steps // 2, steps)):
             with torch.no_grad():  # LeNet-5 has no dropout or batch norm: train/eval modes agree
                 accs.append(accuracy(model, *score) * 100)
     return accs, model
