@@ -370,16 +370,21 @@ def run_units(args, units: list[tuple]) -> None:
         left = [v for v in variants if (stage, k, draw, 1000 * draw + s, v) not in done]
         if left:
             todo.append((stage, k, draw, s, left))
-    if args.jobs > 1 and len(todo) > 1:
+    run_parallel(run_unit, args, todo)
+
+
+def run_parallel(fn, args, units: list[tuple]) -> None:
+    """``fn(args, *unit)`` for every unit, in ``args.jobs`` spawned processes (each sets one thread) or here."""
+    if args.jobs > 1 and len(units) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in [pool.submit(run_unit, args, *u) for u in todo]:
+            for fut in [pool.submit(fn, args, *u) for u in units]:
                 fut.result()
     else:
-        for u in todo:
-            run_unit(args, *u)
+        for u in units:
+            fn(args, *u)
 
 
 def choose_recipes(records: list[dict], ks: list[int]) -> tuple[dict, dict]:

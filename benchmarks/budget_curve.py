@@ -110,16 +110,7 @@ def main(argv=None):
     runs = [(d, s) for s in range(args.seeds) for d in range(args.draws)]
     done = {(r["k"], r["variant"], r["draw"], r["seed"]) for r in budget.read_records(args.partial) if r["steps"] == steps}
     todo = [(k, v, d, s) for d, s in runs for k, v in wanted if (k, v, d, 1000 * d + s) not in done]
-    if args.jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in [pool.submit(run, args, *u) for u in todo]:
-                fut.result()
-    else:
-        for u in todo:
-            run(args, *u)
+    budget.run_parallel(run, args, todo)
     keys = {(d, 1000 * d + s) for d, s in runs}
     records = [r for r in budget.read_records(args.partial) if (r["k"], r["variant"]) in wanted
                and r["steps"] == steps and (r["draw"], r["seed"]) in keys]
