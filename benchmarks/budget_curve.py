@@ -5,7 +5,8 @@ budget; issue 10 asks for a budget at which the best baseline has converged. A t
 depend on its length (``budget.train``), so one run of ``--steps`` steps, scored at doubling step counts, is the
 2,000- and 4,000-step runs of ``budget.py`` (same draw and seed) continued. Which variants: per k, the strongest
 baseline and the recipe of a committed ``budget.py`` result (``--from``); variants with a pretraining phase are
-skipped (their phases scale with the budget: one long run is not their shorter runs continued). This chooses
+skipped, and so is the FlowAnnealing curriculum (their phases or schedule scale with the budget: one long run
+is not their shorter runs continued). This chooses
 nothing: it only says how far the 2,000-step numbers are from converged. With several draws and seeds the JSON
 and table give, per k and step count, the paired difference recipe - baseline with a 95 % t-interval over the runs
 (``budget.paired``). Exploratory: at a longer budget another baseline could become the strongest one.
@@ -36,6 +37,11 @@ def evals(steps: int) -> list[int]:
     while out[-1] * 2 <= steps:
         out.append(out[-1] * 2)
     return out if out[-1] == steps else out + [steps]
+
+
+def continues(spec: tuple) -> bool:
+    """Whether a long run of this spec is its shorter runs continued: no pretraining phase, no curriculum."""
+    return spec[0] is None and spec[1] != "curriculum"
 
 
 def run(args, k: int, variant: str, draw: int, seed_index: int) -> None:
@@ -95,6 +101,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.steps < 1000:
+        p.error(f"--steps must be at least 1000 (scored at 500, 1000, ...), got {args.steps}")
     with open(args.result) as handle:
         result = json.load(handle)
     args.source, args.target = result["source"], result["target"]
@@ -105,7 +113,7 @@ def main(argv=None):
         recipe = result["recipe"][str(k)]
         best = next(r for r in result["records"] if r["variant"] == recipe and r["k"] == k)["vs_best_baseline"]
         wanted += [(k, v) for v in (best["baseline"], recipe)
-                   if {**budget.BASELINES, **budget.CANDIDATES}[v][0] is None]  # no pretraining phase
+                   if continues({**budget.BASELINES, **budget.CANDIDATES}[v])]
     steps = evals(args.steps)
     runs = [(d, s) for s in range(args.seeds) for d in range(args.draws)]
     done = {(r["k"], r["variant"], r["draw"], r["seed"]) for r in budget.read_records(args.partial) if r["steps"] == steps}
