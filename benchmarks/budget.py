@@ -120,6 +120,7 @@ AUG_REF = "source flowed toward augmented shots"
 THIRD_CANDIDATES = {f"target + raw + {AUG_REF} + aug": (None, "raw + flowed", None, True),
                     f"target + raw + {AUG_REF} + aug" + BALANCED: (None, "raw + flowed", 0.5, True)}
 CANDIDATES.update(THIRD_CANDIDATES)
+VARIANTS = {**BASELINES, **CANDIDATES}  # name -> spec, every variant
 REF_PER_CLASS = 20
 OT_SUFFIX = " [class_map=ot]"
 FLOW = dict(steps=10, step_size=0.2, labels="flow", snapshots=11)
@@ -332,17 +333,18 @@ def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: lis
                 agree = float((flows[key]["labels"] == raw[1]).float().mean())
                 append(args.partial, {"stage": stage, "k": k, "draw": draw, "kind": "ot labels" + tag,
                                       "agreement": agree})
-        spec = BASELINES[name] if name in BASELINES else CANDIDATES[name]
-        accs = train_variant(spec, raw, flows.get(key), shots, score, args.budget_steps, seed)
+        accs = train_variant(VARIANTS[name], raw, flows.get(key), shots, score, args.budget_steps, seed)
         append(args.partial, {"stage": stage, "k": k, "draw": draw, "seed": seed, "variant": v, "half": accs[0],
                               "accuracy": accs[1], "seconds": time.perf_counter() - t0})
         print(f"[{stage}] k={k} draw {draw} seed {seed}: {v} {accs[1]:.1f}", flush=True)
 
 
-def train_variant(spec: tuple, raw, flowed: dict | None, shots, score, budget: int, seed: int) -> list[float]:
-    """A baseline or recipe (``BASELINES`` / ``CANDIDATES`` spec): optionally pretrain on a source alone for half
-    the budget, then train on the target (+ a source) for the rest. Returns the accuracy at half and at the full
-    budget (NaN at half after a pretraining phase: that is its end, not a comparable point)."""
+def train_variant(spec: tuple, raw, flowed: dict | None, shots, score, budget: int, seed: int,
+                  evals=None) -> list[float]:
+    """A baseline or recipe (``VARIANTS`` spec): optionally pretrain on a source alone for half the budget, then
+    train on the target (+ a source) for the rest. Returns the accuracy at half and at the full budget (NaN at
+    half after a pretraining phase: that is its end, not a comparable point), or, without a pretraining phase,
+    after the steps in ``evals`` (``train``'s)."""
     pre_kind, kind, share, aug = spec
     g = torch.Generator().manual_seed(seed + 77)
     model, steps = None, budget
@@ -351,7 +353,8 @@ def train_variant(spec: tuple, raw, flowed: dict | None, shots, score, budget: i
                          aug=aug)
         steps = budget - budget // 2
     src = None if kind is None else Source(kind, raw, flowed, steps, g)
-    accs, _ = train(shots, src, score, steps=steps, seed=seed, aug=aug, model=model, target_share=share)
+    accs, _ = train(shots, src, score, steps=steps, seed=seed, aug=aug, model=model, target_share=share,
+                    evals=evals)
     return accs if pre_kind is None else [float("nan"), accs[-1]]
 
 

@@ -49,15 +49,12 @@ def run(args, k: int, variant: str, draw: int, seed_index: int) -> None:
     torch.set_num_threads(1)
     data = budget.load_pair(args)
     raw, shots = budget.draw_data(data, k, draw, args.per_class)
-    pre, kind, share, aug = spec = {**budget.BASELINES, **budget.CANDIDATES}[variant]
+    spec = budget.VARIANTS[variant]
     flowed = budget.flow_source(raw, shots, class_map="same", seed=draw, cache_dir=args.cache,
                                 augmented=variant in budget.THIRD_CANDIDATES) if variant in budget.CANDIDATES else None
     seed = 1000 * draw + seed_index
-    g = torch.Generator().manual_seed(seed + 77)  # as budget.train_variant
-    src = None if kind is None else budget.Source(kind, raw, flowed, args.steps, g)
     t0 = time.perf_counter()
-    accs, _ = budget.train(shots, src, data[3], steps=args.steps, seed=seed, aug=aug, target_share=share,
-                           evals=evals(args.steps))
+    accs = budget.train_variant(spec, raw, flowed, shots, data[3], args.steps, seed, evals=evals(args.steps))
     budget.append(args.partial, {"k": k, "variant": variant, "draw": draw, "seed": seed, "spec": list(spec),
                                  "steps": evals(args.steps), "accuracy": accs, "seconds": time.perf_counter() - t0})
     print(f"k={k} draw {draw} seed {seed} {variant}: " + " ".join(f"{a:.1f}" for a in accs), flush=True)
@@ -113,7 +110,7 @@ def main(argv=None):
         recipe = result["recipe"][str(k)]
         best = next(r for r in result["records"] if r["variant"] == recipe and r["k"] == k)["vs_best_baseline"]
         wanted += [(k, v) for v in (best["baseline"], recipe)
-                   if continues({**budget.BASELINES, **budget.CANDIDATES}[v])]
+                   if continues(budget.VARIANTS[v])]
     steps = evals(args.steps)
     runs = [(d, s) for s in range(args.seeds) for d in range(args.draws)]
     done = {(r["k"], r["variant"], r["draw"], r["seed"]) for r in budget.read_records(args.partial) if r["steps"] == steps}
