@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 
@@ -20,6 +21,7 @@ DATA_HELP = ("folder of datasets as NAME/{train,test}.npz (x uint8 NxHxW, y int6
              "then ../shared/data; without one, torchvision downloads where the network allows")
 SPLIT_HELP = ("split of both datasets; train by default for every command, because the flowed data and the "
               "distance are about the data you train on: keep test for evaluating the result")
+LIMIT_HELP = "use at most this many samples of each dataset"
 THREADS_HELP = ("torch CPU threads, set before any work and printed; auto: $OMP_NUM_THREADS when set, else all "
                 "usable cores but one (at least 1), since one busy core can stall every parallel step "
                 "(README: Small machines)")
@@ -44,6 +46,26 @@ def _threads_arg(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
+
+
+def _size_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected one or two positive integers (N or H W), got {text!r}")
+    return value
+
+
+class _LimitAction(argparse.Action):
+    """``--limit`` and its deprecated alias ``--max-samples`` (distance): one setting, a notice for the old name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--max-samples":
+            print("flowaug distance: --max-samples is deprecated, use --limit (same meaning)", file=sys.stderr,
+                  flush=True)
+        setattr(namespace, self.dest, values)
 
 
 def _usable_cores() -> int:
@@ -103,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("source", help="dataset to move, e.g. mnist")
     f.add_argument("reference", help="dataset to move toward, e.g. usps")
     f.add_argument("--split", default="train", choices=["train", "test"], help=SPLIT_HELP)
-    f.add_argument("--limit", type=int, default=2000, help="use at most this many samples of each")
+    f.add_argument("--limit", type=int, default=2000, help=LIMIT_HELP)
     f.add_argument("--steps", type=int, default=10, help="Euler steps")
     f.add_argument("--step-size", type=float, default=0.5, help="step size tau")
     f.add_argument("--objective", default="sinkhorn", choices=["sinkhorn", "mmd", "energy", "laplacian", "sliced"],
@@ -117,13 +139,21 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the flow's randomness")
     f.add_argument("--out", metavar="DIR", default="flowaug_outputs/flow", help="output folder")
 
-    t = command("distance", help="OTDD between two labeled datasets",
+    t = command("distance", help="OTDD between two labeled datasets (symmetric: the order does not matter)",
                 description="Optimal transport dataset distance (debiased Sinkhorn divergence in the "
-                            "label-aware space; geomloss's halved squared cost).")
+                            "label-aware space; geomloss's halved squared cost). Symmetric: both datasets are "
+                            "compared at one common image size, subsampled alike and the automatic blur is "
+                            "taken from both. Prints one JSON object whose 'fields' entry explains every field.")
     t.add_argument("a", help="first dataset, e.g. mnist")
     t.add_argument("b", help="second dataset, e.g. usps")
     t.add_argument("--split", default="train", choices=["train", "test"], help=SPLIT_HELP)
-    t.add_argument("--max-samples", type=int, default=2000, help="subsample each dataset")
+    t.add_argument("--limit", "--max-samples", dest="limit", type=int, default=2000, action=_LimitAction,
+                   help=LIMIT_HELP + " (--max-samples: deprecated alias)")
+    t.add_argument("--size", metavar="N", nargs="+", type=_size_arg, default=None,
+                   help="common image size, N (square) or H W; both datasets are resized to it (said on stderr). "
+                        "Default: the larger height and the larger width of the two datasets")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the subsampling; each dataset is drawn with it alone, whatever its position")
     t.add_argument("--label-weight", type=float, default=1.0, help="lambda on the label term (0: features only)")
     t.add_argument("--covariance", default="diag", choices=["diag", "full"],
                    help="class Gaussians with diagonal or full covariances (Bures term)")
@@ -168,16 +198,74 @@ def cmd_flow(args) -> int:
     return 0
 
 
-def cmd_distance(args) -> int:
-    from .distance import otdd
+DISTANCE_FIELDS = {
+    "a": "first dataset (argument a)",
+    "b": "second dataset (argument b)",
+    "split": "split of both datasets",
+    "size": "common image size [H, W] both datasets were compared at (--size; default: the larger height and "
+            "width of the two; a dataset of another size is resized, bilinear and antialiased)",
+    "samples": "samples used of each dataset, {a, b} (at most --limit, drawn with --seed alone)",
+    "seed": "seed of the subsampling",
+    "label_weight": "lambda, the weight of the label term (0: features only)",
+    "covariance": "class Gaussians with 'diag' (isometric embedding) or 'full' (Bures-Wasserstein) covariances",
+    "blur": "entropic blur in data units: 0.2 x the mean of the two datasets' median pairwise distances",
+    "otdd": "debiased Sinkhorn divergence with geomloss's halved squared cost ||x - x'||^2 / 2 + "
+            "lambda^2 W2^2(y, y') / 2; squared data units (pixels in [0, 1]); symmetric in a and b",
+    "distance": "sqrt(2 * otdd): in data units, pixels in [0, 1] (the root of the full squared cost)",
+    "fields": "what each field is",
+}
 
-    a, ya = _images(args.a, args.split, args.data, None, 0)
-    b, yb = _images(args.b, args.split, args.data, None, 1)
-    b = _match_size(b, a)
+
+def _load_arg(which: str, name: str, split: str, data, limit: int, seed: int):
+    """One dataset of ``flowaug distance``, its load errors naming the argument."""
+    from ._checks import check_labels
+
+    try:
+        x, y = _images(name, split, data, limit, seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"argument {which} ({name!r}): {err}") from None
+    if x.ndim != 4 or len(x) < 2:
+        raise ValueError(f"argument {which} ({name!r}): expected at least 2 images (N, C, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    try:
+        check_labels("its labels y", y, len(x), allow_soft=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"argument {which} ({name!r}): {err}") from None
+    return x, y
+
+
+def cmd_distance(args) -> int:
+    from .data import resize_images
+    from .distance import auto_blur, otdd
+
+    if args.data is not None and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"argument --data: expected an existing folder of datasets, got {args.data!r}")
+    # each dataset is drawn by its own generator seeded with --seed alone: its sample ignores its position
+    a, ya = _load_arg("a", args.a, args.split, args.data, args.limit, args.seed)
+    b, yb = _load_arg("b", args.b, args.split, args.data, args.limit, args.seed)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"arguments a and b must have the same number of channels, got {args.a!r} with "
+                         f"{a.shape[1]} and {args.b!r} with {b.shape[1]}")
+    if args.size is None:
+        size = (max(a.shape[2], b.shape[2]), max(a.shape[3], b.shape[3]))
+        how = "the larger of the two; --size to choose"
+    else:
+        size = (args.size[0], args.size[-1])
+        how = "--size"
+    for which, name, x in (("a", args.a, a), ("b", args.b, b)):
+        if tuple(x.shape[-2:]) != size:
+            print(f"flowaug distance: resizing {which} ({name}) from {x.shape[2]}x{x.shape[3]} to "
+                  f"{size[0]}x{size[1]}, the common size ({how})", file=sys.stderr, flush=True)
+    a, b = resize_images(a, size), resize_images(b, size)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone (pykeops prints a CUDA notice there)
-        value = otdd(a, ya, b, yb, label_weight=args.label_weight, covariance=args.covariance,
-                     max_samples=args.max_samples)
-    print(json.dumps({"a": args.a, "b": args.b, "otdd": value, "distance": (2 * max(value, 0)) ** 0.5}))
+        blur = auto_blur(a, b)
+        value = otdd(a, ya, b, yb, blur=blur, label_weight=args.label_weight, covariance=args.covariance,
+                     max_samples=None, seed=args.seed)
+    print(json.dumps({
+        "a": args.a, "b": args.b, "split": args.split, "size": list(size), "samples": {"a": len(a), "b": len(b)},
+        "seed": args.seed, "label_weight": args.label_weight, "covariance": args.covariance, "blur": blur,
+        "otdd": value, "distance": (2 * max(value, 0)) ** 0.5, "fields": DISTANCE_FIELDS,
+    }))
     return 0
 
 
@@ -193,13 +281,24 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    for name in ("steps", "limit", "max_samples"):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[args.command]
+    lows = {"steps": 0, "seed": 0, "limit": 2 if args.command == "distance" else 1}
+    for name, low in lows.items():  # --limit: also its deprecated alias --max-samples (same dest)
         value = getattr(args, name, None)
-        if value is not None and value < (0 if name == "steps" else 1):
-            _parser().error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if getattr(args, "step_size", 1.0) <= 0:
-        _parser().error(f"--step-size must be > 0, got {args.step_size}")
+        if value is not None and value < low:
+            want = {0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+            sub.error(f"argument --{name}: expected {want}, got {value}")
+    step_size = getattr(args, "step_size", 1.0)
+    if not (math.isfinite(step_size) and step_size > 0):
+        sub.error(f"argument --step-size: expected a finite number > 0, got {step_size}")
+    label_weight = getattr(args, "label_weight", 0.0)
+    if not (math.isfinite(label_weight) and label_weight >= 0):
+        sub.error(f"argument --label-weight: expected a finite number >= 0 (0: features only), got {label_weight}")
+    size = getattr(args, "size", None)
+    if size is not None and len(size) > 2:
+        sub.error(f"argument --size: expected one or two positive integers (N or H W), got {len(size)} values")
     _set_threads(args.threads, args.command)
     try:
         return {"demo": cmd_demo, "flow": cmd_flow, "distance": cmd_distance}[args.command](args)

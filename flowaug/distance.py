@@ -7,16 +7,37 @@ term embeds isometrically (:class:`~flowaug.LabelEmbedding`) and the distance is
 divergence in the augmented space, computed by ``geomloss.SamplesLoss``. With full covariances the label
 term is the Bures-Wasserstein distance, which has no flat embedding; the cost is then a custom dense cost
 (geomloss's tensorized backend): features plus a looked-up class-pair table.
+
+The distance is symmetric: ``otdd(x1, y1, x2, y2) == otdd(x2, y2, x1, y1)`` up to the Sinkhorn solver's
+precision. Every data-dependent choice treats the two datasets alike: each is subsampled by its own
+generator seeded from ``seed`` alone (a dataset's sample does not depend on its position), and
+``blur="auto"`` is computed from both datasets (:func:`auto_blur`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice, check_int, check_real
+from ._checks import check_choice, check_finite_tensor, check_int, check_labels, check_real, describe
 from .labels import ClassStats, LabelEmbedding
 
-__all__ = ["otdd", "bures_class_costs"]
+__all__ = ["auto_blur", "bures_class_costs", "otdd"]
+
+
+def auto_blur(x1: torch.Tensor, x2: torch.Tensor) -> float:
+    """The blur of ``otdd(..., blur="auto")``: ``AUTO_BLUR`` (0.2) times the mean of the two datasets' median
+    pairwise distances (each on an evenly strided subset of at most 1024 of its rows, features flattened).
+
+    Symmetric in its arguments, and equal to the single-dataset rule when both datasets have the same spread.
+    Within-dataset medians rather than the median over the union: the union's median grows with the shift
+    between the datasets, so the blur would grow with the very distance being measured.
+    """
+    from .objectives.base import median_distance
+    from .objectives.sinkhorn import AUTO_BLUR
+
+    m1 = median_distance(x1.reshape(len(x1), -1))
+    m2 = median_distance(x2.reshape(len(x2), -1))
+    return AUTO_BLUR * (m1 + m2) / 2
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -64,10 +85,14 @@ def otdd(
 
     Args:
         x1, x2: (N, ...) float features (uint8 images are scaled to [0, 1]); y1, y2: (N,) class ids.
-        blur: entropic blur in data units, or ``"auto"``: 0.2 times the median pairwise distance of ``x2``.
+        blur: entropic blur in data units, or ``"auto"``: 0.2 times the mean of the two datasets' median
+            pairwise distances (:func:`auto_blur`; symmetric in the two datasets).
         label_weight: lambda on the label term (0: plain Sinkhorn divergence between the features).
         covariance: ``"diag"`` (isometric embedding) or ``"full"`` (Bures-Wasserstein class costs).
-        max_samples: subsample each dataset to at most this many points (seeded), None for all.
+        max_samples: subsample each dataset to at most this many points, None for all. Each dataset is
+            drawn by its own generator seeded with ``seed``, so its sample does not depend on which
+            argument it is.
+        seed: seed of the subsampling.
         scaling: geomloss's epsilon-scaling ratio (0.95: accurate; its default 0.5 is not, see README).
 
     Example:
@@ -82,25 +107,32 @@ def otdd(
     from geomloss import SamplesLoss  # lazy: geomloss imports pykeops
 
     from .data import as_float_images
-    from .objectives.base import median_distance
-    from .objectives.sinkhorn import AUTO_BLUR
 
     check_choice("covariance", covariance, ("diag", "full"))
     label_weight = check_real("label_weight", label_weight, low=0)
-    g = torch.Generator().manual_seed(seed)
+    if max_samples is not None:
+        check_int("max_samples", max_samples, minimum=2)
+    seed = check_int("seed", seed, minimum=0)
 
-    def prep(x, y):
+    def prep(x, y, xname, yname):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{xname} must be a torch.Tensor (N, ...), got {describe(x)}")
+        if x.ndim < 1 or len(x) < 2:
+            raise ValueError(f"{xname} must hold N >= 2 samples (N, ...), got shape {tuple(x.shape)}")
+        check_labels(yname, y, len(x), allow_soft=False)
         x = as_float_images(x).reshape(len(x), -1).double()
-        if max_samples is not None and len(x) > check_int("max_samples", max_samples, minimum=2):
+        check_finite_tensor(xname, x)
+        if max_samples is not None and len(x) > max_samples:
+            g = torch.Generator().manual_seed(seed)  # one generator per dataset: its sample ignores its position
             idx = torch.randperm(len(x), generator=g)[:max_samples]
             x, y = x[idx], y[idx]
         return x, y.long()
 
-    a, ya = prep(x1, y1)
-    b, yb = prep(x2, y2)
+    a, ya = prep(x1, y1, "x1", "y1")
+    b, yb = prep(x2, y2, "x2", "y2")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"x1 and x2 must have the same number of features, got {a.shape[1]} and {b.shape[1]}")
-    eps_blur = AUTO_BLUR * median_distance(b) if blur == "auto" else check_real("blur", blur, low=0, low_open=True)
+    eps_blur = auto_blur(a, b) if blur == "auto" else check_real("blur", blur, low=0, low_open=True)
     if label_weight == 0:
         return float(SamplesLoss("sinkhorn", p=2, blur=eps_blur, scaling=scaling, debias=True)(a, b))
     if covariance == "diag":

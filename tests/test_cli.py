@@ -21,6 +21,8 @@ from .conftest import tiny_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("demo", "flow", "distance")
+DISTANCE_KEYS = ("a", "b", "split", "size", "samples", "seed", "label_weight", "covariance", "blur", "otdd",
+                 "distance")
 
 
 def write_npz(root, name, split, n, size, seed=0):
@@ -104,12 +106,12 @@ class TestMain:
         assert stop.value.code == 0 and capsys.readouterr().out == f"flowaug {flowaug.__version__}\n"
 
     def test_version_from_python_m(self):
-        done = subprocess.run([sys.executable, "-m", "flowaug", "--version"], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "flowaug", "--version"], capture_output=True, text=True, check=False,
                               cwd=ROOT, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == f"flowaug {flowaug.__version__}"
 
     def test_threads_option_is_applied_before_work_and_printed(self, data, threads, capsys):
-        assert cli.main(["distance", "mnist", "usps", "--data", data, "--threads", "1", "--max-samples", "20"]) == 0
+        assert cli.main(["distance", "mnist", "usps", "--data", data, "--threads", "1", "--limit", "20"]) == 0
         captured = capsys.readouterr()
         assert torch.get_num_threads() == 1
         assert "1 torch thread (--threads)" in captured.err
@@ -118,10 +120,10 @@ class TestMain:
     def test_distance_stdout_is_json_alone(self, data):
         # a fresh process: pykeops prints its CUDA notice to stdout the first time it is imported
         done = subprocess.run([sys.executable, "-m", "flowaug", "distance", "mnist", "usps", "--data", data,
-                               "--max-samples", "20"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                               "--limit", "20"], capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr
-        assert set(json.loads(done.stdout)) == {"a", "b", "otdd", "distance"}
+        assert set(json.loads(done.stdout)) == set(DISTANCE_KEYS) | {"fields"}
         assert "1 torch thread ($OMP_NUM_THREADS)" in done.stderr
 
     @pytest.mark.parametrize("cores, env, expected, why", [
@@ -136,13 +138,13 @@ class TestMain:
             monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         else:
             monkeypatch.setenv("OMP_NUM_THREADS", env)
-        assert cli.main(["distance", "mnist", "usps", "--data", data, "--max-samples", "20"]) == 0
+        assert cli.main(["distance", "mnist", "usps", "--data", data, "--limit", "20"]) == 0
         assert torch.get_num_threads() == expected
         assert f"distance: {expected} torch thread{'s' if expected > 1 else ''} ({why})" in capsys.readouterr().err
 
     def test_more_threads_than_cores_is_said(self, data, threads, capsys, monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-        assert cli.main(["distance", "mnist", "usps", "--data", data, "--threads", "3", "--max-samples", "20"]) == 0
+        assert cli.main(["distance", "mnist", "usps", "--data", data, "--threads", "3", "--limit", "20"]) == 0
         assert "3 torch threads (--threads; more threads than cores run slower)" in capsys.readouterr().err
 
     @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
@@ -153,6 +155,117 @@ class TestMain:
         assert stop.value.code == 2
         assert f"argument --threads: expected a positive integer or 'auto', got '{value}'" in capsys.readouterr().err
         assert torch.get_num_threads() == before
+
+
+def run_distance(capsys, *args):
+    """``flowaug distance ARGS`` in this process: (its JSON, its stderr)."""
+    assert cli.main(["distance", *args]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def cli_error(capsys, *args):
+    """A refused ``flowaug distance ARGS``: its stderr (usage errors exit 2, load errors return 2)."""
+    try:
+        code = cli.main(["distance", *args])
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("threads")
+class TestDistanceCommand:
+    def test_the_order_of_the_datasets_does_not_matter(self, data, capsys):
+        # the fixture's mnist (30 images, 28x28) is subsampled by --limit, usps (24, 16x16) is not and is resized
+        ab, err_ab = run_distance(capsys, "mnist", "usps", "--data", data, "--limit", "20")
+        ba, err_ba = run_distance(capsys, "usps", "mnist", "--data", data, "--limit", "20")
+        assert ab["otdd"] > 0 and abs(ab["otdd"] - ba["otdd"]) < 1e-3 * ab["otdd"]
+        assert abs(ab["distance"] - ba["distance"]) < 1e-3 * ab["distance"]
+        assert ab["size"] == ba["size"] == [28, 28]
+        assert ab["samples"] == {"a": 20, "b": 20} and ba["samples"] == {"a": 20, "b": 20}
+        assert ab["blur"] == pytest.approx(ba["blur"], rel=1e-9)
+        assert "resizing b (usps) from 16x16 to 28x28, the common size (the larger of the two" in err_ab
+        assert "resizing a (usps) from 16x16 to 28x28" in err_ba
+
+    @pytest.mark.parametrize("size, expected", [(["16"], [16, 16]), (["12", "20"], [12, 20])])
+    def test_size_option_sets_the_common_size_in_both_orders(self, data, capsys, size, expected):
+        ab, err = run_distance(capsys, "mnist", "usps", "--data", data, "--limit", "20", "--size", *size)
+        ba, _ = run_distance(capsys, "usps", "mnist", "--data", data, "--limit", "20", "--size", *size)
+        assert ab["size"] == ba["size"] == expected
+        assert abs(ab["otdd"] - ba["otdd"]) < 1e-3 * ab["otdd"]
+        shown = f"{expected[0]}x{expected[1]}, the common size (--size)"
+        assert f"resizing a (mnist) from 28x28 to {shown}" in err
+        assert (f"resizing b (usps) from 16x16 to {shown}" in err) == (expected != [16, 16])
+
+    def test_no_resizing_note_when_sizes_agree(self, data, capsys):
+        out, err = run_distance(capsys, "mnist", "mnist", "--data", data, "--limit", "20")
+        assert out["size"] == [28, 28] and "resizing" not in err
+        assert abs(out["otdd"]) < 1e-6  # the same dataset, the same sample in both positions
+
+    def test_json_says_what_each_field_is(self, data, capsys):
+        out, _ = run_distance(capsys, "mnist", "usps", "--data", data, "--limit", "20", "--label-weight", "0.5",
+                              "--split", "test", "--seed", "3")
+        assert list(out) == [*DISTANCE_KEYS, "fields"]
+        assert set(out["fields"]) == set(out)
+        assert all(isinstance(text, str) and text for text in out["fields"].values())
+        assert (out["a"], out["b"], out["split"], out["seed"]) == ("mnist", "usps", "test", 3)
+        assert (out["label_weight"], out["covariance"]) == (0.5, "diag")
+        assert out["distance"] == pytest.approx((2 * out["otdd"]) ** 0.5)
+        assert "debiased Sinkhorn divergence" in out["fields"]["otdd"] and "squared data units" in out["fields"]["otdd"]
+        assert out["fields"]["distance"].startswith("sqrt(2 * otdd): in data units")
+        assert "common image size" in out["fields"]["size"]
+
+    def test_limit_is_one_name_in_flow_and_distance(self, capsys):
+        flow_help, distance_help = help_entries("flow", capsys), help_entries("distance", capsys)
+        assert "use at most this many samples of each dataset" in flow_help["--limit"]
+        assert "use at most this many samples of each dataset" in distance_help["--limit"]
+        assert "--max-samples" in distance_help["--limit"] and "deprecated" in distance_help["--limit"]
+        parser = cli._parser()
+        assert parser.parse_args(["distance", "a", "b", "--limit", "7"]).limit == 7
+
+    def test_max_samples_is_a_deprecated_alias_of_limit(self, data, capsys):
+        new, err_new = run_distance(capsys, "mnist", "usps", "--data", data, "--limit", "20")
+        old, err_old = run_distance(capsys, "mnist", "usps", "--data", data, "--max-samples", "20")
+        assert old == new and old["samples"] == {"a": 20, "b": 20}
+        notices = [line for line in err_old.splitlines() if "deprecated" in line]
+        assert notices == ["flowaug distance: --max-samples is deprecated, use --limit (same meaning)"]
+        assert "deprecated" not in err_new
+
+    @pytest.mark.parametrize("option", ["--limit", "--max-samples"])
+    @pytest.mark.parametrize("value", ["0", "1", "-5"])
+    def test_limit_below_two_is_refused_under_either_name(self, data, capsys, option, value):
+        err = cli_error(capsys, "mnist", "usps", "--data", data, option, value)
+        assert f"argument --limit: expected an integer >= 2, got {value}" in err
+
+    @pytest.mark.parametrize("args, message", [
+        (["--size", "0"], "argument --size: expected one or two positive integers (N or H W), got '0'"),
+        (["--size", "x"], "argument --size: expected one or two positive integers (N or H W), got 'x'"),
+        (["--size", "8", "8", "8"], "argument --size: expected one or two positive integers (N or H W), got 3 values"),
+        (["--label-weight", "-1"], "argument --label-weight: expected a finite number >= 0 (0: features only), got -1.0"),
+        (["--label-weight", "nan"], "argument --label-weight: expected a finite number >= 0 (0: features only), got nan"),
+        (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+        (["--covariance", "tied"], "argument --covariance: invalid choice: 'tied'"),
+    ])
+    def test_bad_options_are_refused_naming_the_argument(self, data, capsys, args, message):
+        assert message in cli_error(capsys, "mnist", "usps", "--data", data, *args)
+
+    def test_missing_dataset_is_refused_naming_the_argument(self, data, capsys):
+        err = cli_error(capsys, "mnist", "nope", "--data", data)
+        assert "flowaug distance: error: argument b ('nope'): dataset 'nope' not found" in err
+        err = cli_error(capsys, "nope", "usps", "--data", data)
+        assert "flowaug distance: error: argument a ('nope'): dataset 'nope' not found" in err
+
+    def test_missing_data_folder_is_refused_naming_the_argument(self, tmp_path, capsys):
+        err = cli_error(capsys, "mnist", "usps", "--data", str(tmp_path / "absent"))
+        assert "error: argument --data: expected an existing folder of datasets" in err
+
+    def test_different_channel_counts_are_refused(self, data, capsys):
+        x = np.zeros((4, 3, 8, 8), np.uint8)
+        os.makedirs(os.path.join(data, "rgb"))
+        np.savez(os.path.join(data, "rgb", "train.npz"), x=x, y=np.arange(4) % 2)
+        err = cli_error(capsys, "mnist", "rgb", "--data", data)
+        assert "arguments a and b must have the same number of channels, got 'mnist' with 1 and 'rgb' with 3" in err
 
 
 class TestRunDemo:
