@@ -7,6 +7,7 @@ modifies its input.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -152,10 +153,43 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))  # nn.Module.__call__ sits between user and forward
 
 
-def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+class FlowWarning(RuntimeWarning):
+    """A diagnosis of flowaug's; ``kind`` names what it is about (an adapter shows each kind once)."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning, *, kind: str | None = None) -> None:
     """``warnings.warn`` attributed to the first caller outside flowaug (the user's line), however deep the
-    library's call stack is (what ``skip_file_prefixes`` does from Python 3.12)."""
+    library's call stack is (what ``skip_file_prefixes`` does from Python 3.12). With ``kind``, a
+    :class:`FlowWarning` of that kind."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn_user
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    if kind is not None:
+        warnings.warn(FlowWarning(message, kind), stacklevel=level)
+    else:
+        warnings.warn(message, category, stacklevel=level)
+
+
+class WarnOnce:
+    """Shows each kind of warning once for its owner (an adapter): a transform that flows every batch would
+    otherwise repeat one diagnosis per batch, with numbers that differ (so Python's own once-per-line
+    filter does not merge them). Warnings without a ``kind`` are merged by their text."""
+
+    def __init__(self):
+        self.seen: set = set()
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            key = getattr(w.message, "kind", None) or (w.category.__name__, str(w.message))
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

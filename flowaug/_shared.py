@@ -15,7 +15,7 @@ import torch
 
 from ._checks import check_real
 
-__all__ = ["SharedValue", "ProcessGenerator", "mix_seed", "strength_property"]
+__all__ = ["AdapterState", "SharedValue", "ProcessGenerator", "mix_seed", "strength_property"]
 
 
 class SharedValue:
@@ -38,13 +38,13 @@ class SharedValue:
 
 
 def strength_property(doc: str) -> property:
-    """The ``strength`` attribute of adapters, backed by their ``_strength`` :class:`SharedValue`."""
+    """The ``strength`` attribute of adapters, backed by their :class:`AdapterState` (``self.state``)."""
 
     def get(self) -> float:
-        return self._strength.get()
+        return self.state.strength.get()
 
     def set(self, value: float) -> None:
-        self._strength.set(value)
+        self.state.strength.set(value)
 
     return property(get, set, doc=doc)
 
@@ -100,3 +100,64 @@ def mix_seed(*parts) -> int:
     """A 64-bit seed from any parts (stable across processes and runs)."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+class AdapterState:
+    """What :class:`~flowaug.FlowTransform` and :class:`~flowaug.FlowDataset` share, in one place: the
+    ``strength`` and the epoch (shared memory, seen by DataLoader workers), the per-process random stream
+    (:class:`ProcessGenerator`) and every draw of a reference sample.
+
+    An online ``FlowDataset`` hands its state to the ``FlowTransform`` it flows with, so both read and
+    write the same values (``strength``, ``set_epoch``) without reaching into each other.
+
+    Args:
+        strength: initial strength in [0, 1].
+        seed: seed of the random stream (None: torch's global RNG).
+        reference_size: reference points per sample (None: the whole reference).
+    """
+
+    def __init__(self, strength: float = 1.0, seed: int | None = None, reference_size: int | None = None):
+        self.strength = SharedValue(strength, "strength")
+        self.epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
+        self.seed, self.reference_size = seed, reference_size
+        self.rng = ProcessGenerator(seed, self.epoch)
+        self._sample: tuple[int, torch.Tensor] | None = None  # (epoch, index) of the per-epoch sample
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def current_epoch(self) -> int:
+        return int(self.epoch.get())
+
+    def samples(self, num_samples: int) -> bool:
+        """A reference of ``num_samples`` points is sampled (``reference_size`` is smaller)."""
+        return self.reference_size is not None and self.reference_size < num_samples
+
+    def batch_sample(self, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+        """A fresh sample for one batch, from the call's stream."""
+        return torch.randperm(num_samples, generator=generator)[: self.reference_size]
+
+    def epoch_sample(self, num_samples: int) -> torch.Tensor:
+        """The sample of the current epoch in this process, drawn at its first batch: from ``(seed, epoch)``
+        alone when seeded (every worker uses the same sample), else from torch's global RNG."""
+        epoch = self.current_epoch()
+        if self._sample is None or self._sample[0] != epoch:
+            if self.seed is None:
+                index = torch.randperm(num_samples)[: self.reference_size]
+            else:
+                gen = torch.Generator().manual_seed(mix_seed(self.seed, "reference sample", epoch) % (2**63))
+                index = torch.randperm(num_samples, generator=gen)[: self.reference_size]
+            self._sample = (epoch, index)
+        return self._sample[1]
+
+    def chunk_sample(self, chunk: int, num_samples: int) -> torch.Tensor | None:
+        """The sample of a precompute chunk: the same on every rank and in every run (None: no sampling)."""
+        if not self.samples(num_samples):
+            return None
+        gen = torch.Generator().manual_seed(((self.seed or 0) + 1) * 1_000_033 + chunk)
+        return torch.randperm(num_samples, generator=gen)[: self.reference_size]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_sample"] = None  # drawn anew per process
+        return state

@@ -23,7 +23,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -33,7 +35,7 @@ from . import backends
 from ._checks import check_bool, check_choice, check_int, check_real, describe
 from .objectives import Objective, as_objective
 
-__all__ = ["FlowConfig", "LABEL_MODES", "DECODERS", "CLASS_MAPS", "fingerprint"]
+__all__ = ["FlowConfig", "LABEL_MODES", "DECODERS", "CLASS_MAPS", "fingerprint", "build_config"]
 
 LABEL_MODES = ("fixed", "flow")
 DECODERS = ("point", "class")
@@ -41,6 +43,26 @@ CLASS_MAPS = ("same", "ot")
 DTYPES = (torch.float32, torch.float64)
 
 
+def _remember_given(cls):
+    """Wrap the dataclass ``__init__`` so that a config remembers which options its caller gave (``given``).
+
+    An adapter fills the options *not* given with its own defaults (:meth:`FlowConfig.with_defaults`), so
+    ``FlowTransform(ref, FlowConfig(objective="mmd"))`` and ``FlowTransform(ref, objective="mmd")`` are the
+    same transform. A sentinel default would hide the real defaults from ``help()`` and signatures.
+    """
+    init, signature = cls.__init__, inspect.signature(cls.__init__)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        given = signature.bind(self, *args, **kwargs).arguments  # TypeError for unknown options, as before
+        object.__setattr__(self, "_given", frozenset(given) - {"self"})
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_remember_given
 @dataclass(frozen=True)
 class FlowConfig:
     """The options of a flow (see :func:`flowaug.flow` for their meaning).
@@ -107,21 +129,23 @@ class FlowConfig:
         return None
 
     @property
-    def reads_labels(self) -> bool:
-        """The flow uses labels when both sides have them: a label term or a class-wise pairing."""
-        return self.label_weight > 0 or self.class_map is not None
-
-    def for_labels(self, labeled: bool) -> "FlowConfig":
-        """This config as it runs on data with (``labeled``) or without labels on both sides: without them,
-        a features-only flow (labels fixed, no class map)."""
-        return self if labeled else self.replace(labels="fixed", class_map=None)
+    def given(self) -> frozenset:
+        """Names of the options the caller set (the others hold :class:`FlowConfig`'s defaults)."""
+        return getattr(self, "_given", frozenset(self.options()))  # configs pickled before 0.2: all given
 
     def replace(self, **changes) -> "FlowConfig":
-        """A new config with ``changes`` applied, validated like the original."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        """A new config with ``changes`` applied, validated like the original; the options this one was
+        given and ``changes`` count as given."""
+        unknown = sorted(set(changes) - set(self.options()))
         if unknown:
             raise TypeError(f"unknown FlowConfig option(s) {unknown}; options are {self.options()}")
-        return dataclasses.replace(self, **changes)
+        return FlowConfig(**{**{name: getattr(self, name) for name in self.given}, **changes})
+
+    def with_defaults(self, defaults: dict) -> "FlowConfig":
+        """This config with ``defaults`` for the options it was not given (how an adapter's defaults, e.g.
+        ``FlowTransform``'s ``steps=5, clamp="auto"``, apply the same way to a config and to keywords)."""
+        missing = {k: v for k, v in defaults.items() if k not in self.given}
+        return self.replace(**missing) if missing else self
 
     @classmethod
     def options(cls) -> list[str]:
@@ -134,6 +158,19 @@ class FlowConfig:
     def describe(self) -> str:
         """``name=value`` of every option, for ``repr``/``extra_repr`` of the objects that hold a config."""
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.options())
+
+
+def build_config(config: FlowConfig | None, defaults: dict, options: dict, owner: str) -> FlowConfig:
+    """The one way a flow is configured: ``config`` (or an empty one) with the keyword ``options`` applied
+    over it, then ``defaults`` (the caller's: :func:`flowaug.flow` has none, the adapters a few) for every
+    option neither set. ``owner`` names the caller in errors."""
+    if config is not None and not isinstance(config, FlowConfig):
+        raise TypeError(f"{owner}: config must be a FlowConfig or None, got {describe(config)}")
+    unknown = sorted(set(options) - set(FlowConfig.options()))
+    if unknown:
+        raise TypeError(f"{owner} got unknown option(s) {unknown}; flow options are {FlowConfig.options()}")
+    base = config if config is not None else FlowConfig()
+    return (base.replace(**options) if options else base).with_defaults(defaults)
 
 
 # ---------------------------------------------------------------------- validation helpers

@@ -69,6 +69,15 @@ def _label_of(item, index: int, name: str) -> torch.Tensor:
     return label
 
 
+def _finite_input(x: torch.Tensor, index: int, name: str) -> torch.Tensor:
+    """``x`` if it holds no NaN/Inf, else a ValueError naming the item (found here, not later in a batch)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        raise ValueError(f"{name}[{index}] input must be finite, got {n_nan} NaN and "
+                         f"{int((~torch.isfinite(x)).sum()) - n_nan} Inf values (shape {tuple(x.shape)})")
+    return x
+
+
 _DICT_INPUT_KEYS = ("image", "img", "input", "inputs", "x")
 _DICT_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
@@ -205,7 +214,7 @@ def read_items(dataset, item_format: ItemFormat, *, batch_size: int = 1024, prog
     xs, ys, templates = [], [], []
     for i in tqdm(idx, desc=f"reading {name}", disable=not progress or len(idx) < batch_size, leave=False):
         inp, label, template = item_format.split(dataset[i], i)
-        xs.append(to_tensor(inp))
+        xs.append(_finite_input(to_tensor(inp), i, name))
         ys.append(_label_of(label, i, name))
         templates.append(template)
     shapes = {tuple(t.shape) for t in xs}

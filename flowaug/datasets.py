@@ -37,14 +37,16 @@ import torch
 
 from ._version import __version__
 from ._cache import read_cache, write_cache
-from ._checks import check_choice, check_int, describe, warn_user
-from ._shared import SharedValue, strength_property
-from .config import FlowConfig, fingerprint
-from .data import ItemFormat, _label_of, input_kind, label_kind, read_items, restore_input, restore_label, to_tensor
+from ._checks import WarnOnce, check_choice, check_int, describe, warn_user
+from ._shared import AdapterState, strength_property
+from .config import FlowConfig, build_config, fingerprint
+from .data import (ItemFormat, _finite_input, _label_of, input_kind, label_kind, read_items, restore_input,
+                   restore_label, to_tensor)
 from .flow import run
 from .labels import ClassStats
+from .policy import label_plan, pair_classes_by_name
 from .reference import Reference, ReferenceLike
-from .transforms import FlowTransform, batch_to_float, build_config, check_soft, float_to_like
+from .transforms import FlowTransform, batch_to_float, check_soft, float_to_like
 
 __all__ = ["FlowDataset", "MODES"]
 
@@ -70,7 +72,11 @@ def _same_value(a, b) -> bool:
         ta, tb = to_tensor(a), to_tensor(b)
     except TypeError:
         return a == b
-    return ta.shape == tb.shape and ta.dtype == tb.dtype and bool(torch.equal(ta, tb))
+    if ta.shape != tb.shape or ta.dtype != tb.dtype:
+        return False
+    if ta.is_floating_point():  # NaN == NaN here: a NaN is the same read twice, not randomness
+        return bool(((ta == tb) | (ta.isnan() & tb.isnan())).all())
+    return bool(torch.equal(ta, tb))
 
 
 def _distributed() -> tuple[int, int]:
@@ -88,7 +94,10 @@ class FlowDataset(torch.utils.data.Dataset):
         dataset: map-style Dataset of ``(input, label)`` items, ``(input, label, extra...)`` tuples or dicts
             (any transform pipeline it already has runs when items are read: once, in precompute).
         reference: Reference, ``(features, labels)``, tensor or Dataset (see :class:`~flowaug.Reference`).
-        config: a :class:`~flowaug.FlowConfig` to start from (default: ``steps=20, clamp="auto"``).
+        config: a :class:`~flowaug.FlowConfig` to start from. Options that neither it nor the keywords set
+            take this dataset's defaults (``steps=20, clamp="auto", track_objective=False``), the same way
+            for a config as for keywords. With ``class_map="same"``, classes are paired by name when the
+            wrapped dataset and the reference both name them (``.classes``), else by index.
         **options: any :class:`~flowaug.FlowConfig` option, applied over ``config`` (see
             :func:`~flowaug.flow`). ``snapshots`` (precompute only): the steps to keep (a list, a count of
             evenly spaced ones; the start and the end are always kept); ``strength`` interpolates between
@@ -153,7 +162,9 @@ class FlowDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.reference = Reference.coerce(reference)
         self.mode = check_choice("mode", mode, MODES)
-        self.config = build_config(config, DATASET_DEFAULTS, options, "FlowDataset")
+        config = build_config(config, DATASET_DEFAULTS, options, "FlowDataset")
+        self.config = pair_classes_by_name(config, getattr(dataset, "classes", None), self.reference.classes)
+        label_plan(self.config, True, self.reference)  # items carry labels: refuse now what no batch could run
         if self.mode == "online" and self.config.snapshots is not None:
             raise ValueError("snapshots apply to mode='precompute' only (online mode flows each batch anew)")
         self.soft = check_soft(soft, self.config)
@@ -173,13 +184,14 @@ class FlowDataset(torch.utils.data.Dataset):
         self.snapshot_steps = sorted(set(self.config.snapshot_steps()) | {0, self.config.steps})
         self.cache_status: str | None = None
         self._data = None
+        self._warn_once = WarnOnce()
         if self.mode == "online":
             self._transform = FlowTransform(self.reference, self.config, soft=soft, strength=strength,
                                             reference_size=self.reference_size, seed=self.seed)
-            self._strength = self._transform._strength  # one shared value, owned by the transform
+            self.state = self._transform.state  # one strength, epoch and random stream for both
         else:
             self._transform = None
-            self._strength = SharedValue(strength, "strength")
+            self.state = AdapterState(strength, self.seed, self.reference_size)
             self.precompute()
 
     # ------------------------------------------------------------------ strength
@@ -188,9 +200,7 @@ class FlowDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Online mode: restart the flow's random stream for ``epoch`` (see :meth:`FlowTransform.set_epoch`).
         Precompute mode draws nothing per epoch; the call only checks ``epoch``."""
-        epoch = check_int("epoch", epoch)
-        if self._transform is not None:
-            self._transform.set_epoch(epoch)
+        self.state.set_epoch(check_int("epoch", epoch))
 
     # ------------------------------------------------------------------ precompute
     def config_key(self, data_digest: str) -> str:
@@ -250,9 +260,10 @@ class FlowDataset(torch.utils.data.Dataset):
         xf = batch_to_float(x)
         ref = self.reference.to(xf.device)
         cfg = self.config
-        use_labels = ref.labels is not None and cfg.reads_labels
+        plan = label_plan(cfg, y, ref)
+        use_labels = plan.uses_labels
         stats = ClassStats(single_sample=ref.single_sample).update(xf, y) if use_labels else None
-        run_cfg = cfg.for_labels(use_labels).replace(snapshots=self.snapshot_steps, track_objective=False)
+        run_cfg = cfg.replace(snapshots=self.snapshot_steps, track_objective=False)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         n_chunks = math.ceil(n / self.chunk_size)
         store_dtype = torch.uint8 if x.dtype == torch.uint8 else torch.float32
@@ -267,14 +278,15 @@ class FlowDataset(torch.utils.data.Dataset):
                 continue
             idx = chunks[c]
             done.append(c)
-            out = run(xf[idx], y[idx] if use_labels else None, ref, run_cfg, source_stats=stats,
-                      reference_index=self._chunk_reference(c, ref.num_samples),
-                      generator=torch.Generator().manual_seed(self.seed * 1_000_003 + c))
+            with self._warn_once():
+                out = run(xf[idx], y[idx] if use_labels else None, ref, run_cfg, source_stats=stats,
+                          reference_index=self.state.chunk_sample(c, ref.num_samples),
+                          generator=torch.Generator().manual_seed(self.seed * 1_000_003 + c))
             traj, traj_y = list(out.trajectory), list(out.trajectory_labels)
             while len(traj) < len(self.snapshot_steps):  # the guard stopped the flow early: hold the end
                 traj.append(out.x)
                 traj_y.append(out.labels)
-            flows_labels = run_cfg.labels == "flow"
+            flows_labels = plan.labels_move
             per_point = cfg.decode == "point" and cfg.class_map is None
             for s, xs, ys in zip(self.snapshot_steps, traj, traj_y):
                 snaps[s][idx] = float_to_like(xs, x[idx]).as_subclass(torch.Tensor).to(store_dtype)
@@ -289,13 +301,6 @@ class FlowDataset(torch.utils.data.Dataset):
         if world > 1:
             self._gather(chunks, done, snaps, snap_labels, soft)
         return {"x": snaps, "y": snap_labels, "soft": soft.get(self.snapshot_steps[-1]), "dtype": str(x.dtype)}
-
-    def _chunk_reference(self, chunk: int, num_samples: int) -> torch.Tensor | None:
-        """The reference sample of a chunk: the same on every rank and in every run."""
-        if self.reference_size is None or self.reference_size >= num_samples:
-            return None
-        gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_033 + chunk)
-        return torch.randperm(num_samples, generator=gen)[: self.reference_size]
 
     def _gather(self, chunks, done, snaps, snap_labels, soft) -> None:
         """All-gather the chunks flowed by every rank (torch.distributed, any backend)."""
@@ -379,7 +384,9 @@ class FlowDataset(torch.utils.data.Dataset):
     def _flow_items(self, indices) -> list:
         """Online mode: read the items, flow them as one batch, give each back in its own form."""
         parts = [self._format.split(self.dataset[i], i) for i in indices]
-        x = torch.stack([to_tensor(p[0]) for p in parts])
+        if self.strength == 0:  # the identity, item by item (also one item alone: nothing is flowed)
+            return [self._finish(template, inp, label) for inp, label, template in parts]
+        x = torch.stack([_finite_input(to_tensor(p[0]), i, "dataset") for p, i in zip(parts, indices)])
         y = torch.stack([_label_of(p[1], i, "dataset") for p, i in zip(parts, indices)])
         fx, fy = self._transform(x, y)
         out = []

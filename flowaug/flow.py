@@ -29,10 +29,11 @@ import torch
 from . import backends
 from ._checks import check_finite_tensor, check_labels, check_same_device, describe, warn_user
 from .classwise import ClassWise, class_mapping
-from .config import DECODERS, LABEL_MODES, FlowConfig
+from .config import DECODERS, LABEL_MODES, FlowConfig, build_config
 from .integrate import Dynamics, Path, integrate
 from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
 from .objectives import Context, Evaluation, Objective
+from .policy import LabelPlan, label_plan
 from .reference import Reference, ReferenceLike
 
 __all__ = ["FlowResult", "flow", "run", "LABEL_MODES", "DECODERS"]
@@ -86,11 +87,12 @@ def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
     if ref_size > 0 and size > 20 * ref_size:
         warn_user(
             f"x reaches {size:.4g} but the reference lies in [{lo:.4g}, {hi:.4g}]: they look like different "
-            "units (pixels 0..255 vs 0..1?); scale x (x / 255, or v2.ToDtype(torch.float32, scale=True))")
+            "units (pixels 0..255 vs 0..1?); scale x (x / 255, or v2.ToDtype(torch.float32, scale=True))",
+            kind="units")
     elif size > 0 and ref_size > 20 * size:
         warn_user(
             f"the reference reaches {ref_size:.4g} but x lies within {size:.4g}: they look like different units "
-            "(pixels 0..255 vs 0..1?); scale the reference the same way as x")
+            "(pixels 0..255 vs 0..1?); scale the reference the same way as x", kind="units")
     else:
         x_lo, x_hi = float(x.detach().amin()), float(x.detach().amax())
         span = hi - lo
@@ -99,7 +101,7 @@ def _warn_on_scale_mismatch(x: torch.Tensor, ref: Reference) -> None:
             warn_user(
                 f"x lies in [{x_lo:.4g}, {x_hi:.4g}] but the reference in [{lo:.4g}, {hi:.4g}]: if x was normalized "
                 "(v2.Normalize) and the reference was not, normalize the reference the same way, or the flow will "
-                "move x toward other units")
+                "move x toward other units", kind="units")
 
 
 def _check_batch(x) -> None:
@@ -119,27 +121,14 @@ def flow(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     reference: ReferenceLike | None = None,
+    config: FlowConfig | None = None,
     *,
-    objective: Objective | str = "sinkhorn",
-    steps: int = 10,
-    step_size: float = 1.0,
-    labels: str = "fixed",
-    label_weight: float = 1.0,
-    decode: str = "point",
-    soft_temperature: float | None = None,
-    momentum: float = 0.0,
-    clamp: tuple[float, float] | str | None = None,
-    backend: str = "auto",
-    dtype: torch.dtype = torch.float32,
-    snapshots=None,
     source_stats: ClassStats | None = None,
     reference_index: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    track_objective: bool = True,
-    guard: bool = True,
     warm=None,
     progress: bool = False,
-    class_map: str | torch.Tensor | None = None,
+    **options,
 ) -> FlowResult:
     """Flow a batch toward a reference dataset along the Wasserstein gradient flow of ``objective``.
 
@@ -148,6 +137,10 @@ def flow(
         y: (B,) class ids or (B, K) soft labels of the batch, or None (unlabeled flow).
         reference: a :class:`~flowaug.Reference`, a ``(features, labels)`` pair, a features tensor or a
             Dataset. Optional only for objectives without a reference term (potentials, custom).
+        config: a :class:`~flowaug.FlowConfig` holding the options below; keyword options are applied over
+            it (``flow(x, y, ref, cfg, steps=3)``). Without one, the keywords alone (defaults as listed).
+
+    Options (keywords, or fields of ``config``):
         objective: an :class:`~flowaug.Objective` or a name (``"sinkhorn"``, ``"mmd"``, ``"energy"``,
             ``"laplacian"``, ``"sliced"``). Compose with ``+`` and ``*``.
         steps: number of Euler steps; total flow time is ``steps * step_size``.
@@ -183,6 +176,10 @@ def flow(
             when the label correspondence is known: OTDD's class distances across a domain shift can
             pair the wrong classes (MNIST -> USPS: most MNIST classes are nearest to USPS class 4).
 
+    Which flow runs is decided by one rule (:func:`flowaug.policy.label_plan`, shared with the adapters):
+    labels on both sides and ``label_weight > 0`` give the label-aware flow, else features only;
+    ``labels="flow"`` and ``class_map`` refuse data without labels on both sides.
+
     Returns:
         a :class:`FlowResult`.
 
@@ -195,11 +192,7 @@ def flow(
         >>> bool((out.x.mean(0) - ref.mean(0)).norm() < 0.05)  # the batch now sits on the reference
         True
     """
-    config = FlowConfig(
-        objective=objective, steps=steps, step_size=step_size, labels=labels, label_weight=label_weight,
-        decode=decode, soft_temperature=soft_temperature, class_map=class_map, momentum=momentum, clamp=clamp,
-        backend=backend, dtype=dtype, snapshots=snapshots, guard=guard, track_objective=track_objective,
-    )
+    config = build_config(config, {}, options, "flow")
     return run(x, y, reference, config, source_stats=source_stats, reference_index=reference_index,
                generator=generator, warm=warm, progress=progress)
 
@@ -211,11 +204,11 @@ def run(x: torch.Tensor, y: torch.Tensor | None, reference, config: FlowConfig, 
     assemble. Nothing is mutated: ``x``, ``y``, ``reference`` and ``warm`` are read only."""
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a FlowConfig, got {describe(config)}")
-    ref, label_kind = _check_inputs(x, y, reference, config, source_stats, reference_index)
+    ref, label_kind, plan = _check_inputs(x, y, reference, config, source_stats, reference_index)
     if isinstance(warm, dict) and not warm:  # flowaug <= 0.1 passed an empty dict for "no state yet"
         warm = None
     with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
-        problem = _prepare(x, y, ref, config, source_stats, reference_index, generator)
+        problem = _prepare(x, y, ref, config, plan, source_stats, reference_index, generator)
         problem.label_kind = label_kind
         evaluator = _Evaluator(problem, x.device)
         path = integrate(problem.z, evaluator, _dynamics(problem, config), state=warm,
@@ -225,7 +218,8 @@ def run(x: torch.Tensor, y: torch.Tensor | None, reference, config: FlowConfig, 
 
 # ---------------------------------------------------------------------- prepare
 def _check_inputs(x, y, reference, config: FlowConfig, source_stats, reference_index):
-    """Every check on the tensors (the options were checked by the config); returns (Reference, label kind)."""
+    """Every check on the tensors (the options were checked by the config); returns (Reference, label kind,
+    label plan)."""
     _check_batch(x)
     ref = None if reference is None else Reference.coerce(reference)
     if ref is None:
@@ -250,13 +244,8 @@ def _check_inputs(x, y, reference, config: FlowConfig, source_stats, reference_i
         check_same_device(x=x, y=y)
         k_src = None if source_stats is None else source_stats.counts.shape[0]
         label_kind = check_labels("y", y, x.shape[0], num_classes=k_src if (y.ndim == 2 or k_src) else None)
-    labeled = y is not None and ref is not None and ref.labels is not None
-    if config.labels == "flow" and not (labeled and config.label_weight > 0):
-        missing = "y is None" if y is None else "label_weight is 0" if labeled else "reference has no labels"
-        raise ValueError(f"labels='flow' needs source labels, reference labels and label_weight > 0, but {missing}")
-    if config.class_map is not None and not labeled:
-        raise ValueError("class_map needs source labels y and a labeled reference")
-    return ref, label_kind
+    plan = label_plan(config, y, ref)
+    return ref, label_kind, plan
 
 
 def _check_reference_index(index, ref) -> None:
@@ -283,12 +272,12 @@ class _Problem:
     label_kind: str | None = None
 
 
-def _prepare(x, y, ref, config: FlowConfig, source_stats, reference_index, generator) -> _Problem:
+def _prepare(x, y, ref, config: FlowConfig, plan: LabelPlan, source_stats, reference_index, generator) -> _Problem:
     n, dtype = x.shape[0], config.dtype
     feats = x.detach().reshape(n, -1).to(dtype=dtype, copy=True)  # (N, d), a copy: never alias x
-    classwise = config.class_map is not None
+    classwise = plan.kind == "classwise"
     emb, z = None, feats
-    if not classwise and y is not None and config.label_weight > 0 and ref is not None and ref.labels is not None:
+    if plan.kind == "joint":
         stats = source_stats or ClassStats(single_sample=ref.stats.single_sample).update(feats, y)
         emb = LabelEmbedding.fit(stats, ref.stats)
         part = emb.embed(y.to(feats.device), side="source").to(dtype) * config.label_weight  # (N, r)

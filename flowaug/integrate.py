@@ -153,7 +153,7 @@ class _Stepper:
         if self.halvings >= MAX_HALVINGS:
             warn_user(
                 f"flow stopped at step {step}: it {what} after {self.halvings} step-size halvings "
-                f"(step_size {self.tau:g}); returning the last accepted state")
+                f"(step_size {self.tau:g}); returning the last accepted state", kind="guard-stopped")
             return False
         self.tau /= 2
         self.halvings += 1
@@ -162,6 +162,6 @@ class _Stepper:
         if not self.warned:
             warn_user(
                 f"the flow {what} at step {step}: halving step_size to {self.tau:g} "
-                "(pass a smaller step_size to avoid this)")
+                "(pass a smaller step_size to avoid this)", kind="guard-halved")
             self.warned = True
         return True

@@ -32,6 +32,8 @@ class Reference:
         labels: (M,) int class ids, or None for an unlabeled reference.
         stats: precomputed :class:`~flowaug.ClassStats` (else fitted from ``features``/``labels``).
         single_sample: policy for classes with one sample (see :class:`~flowaug.ClassStats`).
+        classes: names of the classes (index = class id), e.g. a torchvision dataset's ``.classes``; with
+            ``class_map="same"``, adapters whose source names its classes pair them by name.
 
     The reference keeps (does not copy) float32 features it is given: do not modify them in place.
 
@@ -42,7 +44,8 @@ class Reference:
         Reference(samples=100, sample_shape=(1, 8, 8), classes=10)
     """
 
-    def __init__(self, features, labels=None, *, stats: ClassStats | None = None, single_sample: str = "pooled"):
+    def __init__(self, features, labels=None, *, stats: ClassStats | None = None, single_sample: str = "pooled",
+                 classes=None):
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"reference features must be a torch.Tensor of shape (M, ...), got {describe(features)}")
         if features.ndim < 2:
@@ -59,6 +62,15 @@ class Reference:
             check_labels("reference labels", labels, self.features.shape[0], allow_soft=False)
             labels = labels.to(self.features.device).long()
         self.labels = labels
+        if classes is not None:
+            if labels is None:
+                raise ValueError("classes names the classes of labels, but labels is None")
+            if isinstance(classes, str) or not hasattr(classes, "__len__"):
+                raise TypeError(f"classes must be a sequence of class names or None, got {describe(classes)}")
+            classes = [str(c) for c in classes]
+            if len(classes) <= int(labels.max()):
+                raise ValueError(f"classes must name every class id up to {int(labels.max())}, got {len(classes)} names")
+        self.classes = classes
         self.single_sample = single_sample
         self._stats = stats
         self._stats_given = stats is not None  # user statistics are part of the reference's identity
@@ -73,6 +85,9 @@ class Reference:
     def from_dataset(cls, dataset, *, progress: bool = True, **kwargs) -> "Reference":
         """Read a map-style Dataset of (input, label) items once."""
         x, y = dataset_to_tensors(dataset, progress=progress, name="reference")
+        names = getattr(dataset, "classes", None) if y.ndim == 1 else None
+        if names is not None and "classes" not in kwargs and len(names) > int(y.max()):
+            kwargs["classes"] = list(names)
         return cls(x, y if y.ndim == 1 else None, **kwargs)
 
     @classmethod

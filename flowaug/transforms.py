@@ -21,14 +21,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 
-from ._checks import check_bool, check_choice, check_int, check_real, describe
-from ._shared import ProcessGenerator, SharedValue, mix_seed, strength_property
-from .config import FlowConfig
+from ._checks import WarnOnce, check_bool, check_choice, check_int, check_real, describe
+from ._shared import AdapterState, strength_property
+from .config import FlowConfig, build_config
 from .flow import run
 from .labels import ClassStats
+from .policy import label_plan, pair_classes_by_name
 from .reference import Reference, ReferenceLike
 
-__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "build_config", "check_soft"]
+__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "check_soft"]
 
 RESAMPLE = ("batch", "epoch")
 #: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
@@ -74,25 +75,15 @@ def check_soft(soft, config: FlowConfig) -> bool:
     return soft
 
 
-def build_config(config: FlowConfig | None, defaults: dict, options: dict, owner: str) -> FlowConfig:
-    """An adapter's config: ``config`` (or the adapter's defaults) with ``options`` applied, validated once."""
-    if config is not None and not isinstance(config, FlowConfig):
-        raise TypeError(f"config must be a FlowConfig or None, got {describe(config)}")
-    unknown = sorted(set(options) - set(FlowConfig.options()))
-    if unknown:
-        raise TypeError(f"{owner} got unknown option(s) {unknown}; flow options are {FlowConfig.options()}")
-    base = config if config is not None else FlowConfig(**defaults)
-    return base.replace(**options) if options else base
-
-
 class FlowTransform(Transform):
     """Move a batch toward a reference dataset along a Wasserstein gradient flow.
 
     Args:
         reference: the target: a :class:`~flowaug.Reference`, a ``(features, labels)`` pair, a features
             tensor, or a Dataset of (input, label) items. Prepared once (class statistics, norms, scales).
-        config: a :class:`~flowaug.FlowConfig` to start from (default: ``steps=5, clamp="auto",
-            track_objective=False``, the rest as :func:`~flowaug.flow`).
+        config: a :class:`~flowaug.FlowConfig` to start from. Options that neither it nor the keywords set
+            take this transform's defaults (``steps=5, clamp="auto", track_objective=False``, the rest as
+            :func:`~flowaug.flow`), the same way for a config as for keywords; ``repr`` shows what is in force.
         **options: any :class:`~flowaug.FlowConfig` option (``objective``, ``steps``, ``step_size``,
             ``labels``, ``label_weight``, ``decode``, ``soft_temperature``, ``class_map``, ``momentum``,
             ``clamp``, ``backend``, ``dtype``, ``guard``, ``track_objective``), applied over ``config``.
@@ -116,6 +107,9 @@ class FlowTransform(Transform):
         source_stats: class statistics of the source dataset; else call :meth:`fit`, else they are
             estimated online from the batches seen so far (in each process). Online estimates depend on
             the batches seen: fit them for exactly reproducible or resumable runs.
+        classes: names of the batch's classes (index = class id), e.g. the training set's ``.classes``.
+            With ``class_map="same"`` and a reference that names its classes too (a Dataset with
+            ``.classes``, or ``Reference(..., classes=...)``), classes are paired by name; otherwise by index.
         warm_start: reuse the solver's potentials from the previous batch (when the reference points stay the
             same: no ``reference_size``, or ``resample="epoch"``). They restart at every ``set_epoch``, so a run
             resumed at an epoch boundary flows exactly the same batches; a mid-epoch resume does not.
@@ -148,12 +142,14 @@ class FlowTransform(Transform):
         seed: int | None = None,
         labels_getter: str | Callable[[Any], torch.Tensor | None] | None = "default",
         source_stats: ClassStats | None = None,
+        classes=None,
         warm_start: bool = True,
         **options,
     ):
         super().__init__()
         self.reference = Reference.coerce(reference)
-        self.config = build_config(config, TRANSFORM_DEFAULTS, options, "FlowTransform")
+        config = build_config(config, TRANSFORM_DEFAULTS, options, "FlowTransform")
+        self.config = pair_classes_by_name(config, classes, self.reference.classes)
         if self.config.snapshots is not None:
             raise ValueError("snapshots do not apply to FlowTransform (it returns the moved batch); use flowaug.flow "
                              "or FlowDataset for trajectories")
@@ -163,23 +159,22 @@ class FlowTransform(Transform):
         self.reference_size = reference_size
         self.resample = check_choice("resample", resample, RESAMPLE)
         self.p = check_real("p", p, low=0, high=1)
-        self._strength = SharedValue(strength, "strength")
         if seed is not None:
             seed = check_int("seed", seed)
         self.seed = seed
+        self.state = AdapterState(strength, seed, reference_size)  # strength, epoch, random stream, samples
         if labels_getter != "default" and labels_getter is not None and not callable(labels_getter):
             raise ValueError(f"labels_getter must be 'default', a callable or None, got {describe(labels_getter)}")
         self.labels_getter = labels_getter
+        label_plan(self.config, None if labels_getter is None else True, self.reference)  # refuse now, not per batch
         if source_stats is not None and not isinstance(source_stats, ClassStats):
             raise TypeError(f"source_stats must be a ClassStats or None, got {describe(source_stats)}")
         self.source_stats = source_stats
         self._online_stats = source_stats is None
         self.warm_start = check_bool("warm_start", warm_start)
-        self._epoch = SharedValue(-1, "epoch", low=-1, high=2**62)
-        self._rng = ProcessGenerator(seed, self._epoch)
         self._warm: dict = {}
         self._warm_epoch = -1
-        self._sample: tuple[int, torch.Tensor] | None = None  # (epoch, index) of resample="epoch"
+        self._warn_once = WarnOnce()  # a per-batch transform states each diagnosis once
         self.last_objective: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public state
@@ -188,7 +183,7 @@ class FlowTransform(Transform):
     def set_epoch(self, epoch: int) -> None:
         """Restart the random stream for ``epoch`` (the ``DistributedSampler.set_epoch`` convention): the
         batches of an epoch then draw the same decisions in any run, resumed or not. Shared with workers."""
-        self._epoch.set(check_int("epoch", epoch))
+        self.state.set_epoch(check_int("epoch", epoch))
 
     def fit(self, data, batch_size: int = 1024) -> "FlowTransform":
         """Fit the source class statistics from a Dataset, a DataLoader of batches (found with
@@ -217,21 +212,22 @@ class FlowTransform(Transform):
         """All randomness of one call, drawn in one place: from this transform's stream when it has a
         ``seed``, else from torch's global RNG (torch's convention: ``torch.manual_seed`` makes it repeat,
         and DataLoader seeds it per worker)."""
-        gen = self._rng.get()
+        gen = self.state.rng.get()
         apply = bool(torch.rand((), generator=gen) < self.p) if self.p < 1 else self.p > 0
-        index = None
-        if self.reference_size is not None and self.reference_size < self.reference.num_samples:
-            index = self._epoch_sample() if self.resample == "epoch" else \
-                torch.randperm(self.reference.num_samples, generator=gen)[: self.reference_size]
+        index, m = None, self.reference.num_samples
+        if self.state.samples(m):
+            index = self.state.epoch_sample(m) if self.resample == "epoch" else self.state.batch_sample(m, gen)
         flow_seed = int(torch.randint(0, 2**62, (), generator=gen))
         return {"apply": apply, "reference_index": index, "flow_seed": flow_seed}
 
+    @torch.compiler.disable  # data-dependent control flow and a solver loop: a graph break, as for a data loader
     def forward(self, *inputs: Any) -> Any:
         """Do not override: flows the batch once and maps the images and labels leaves."""
         inputs = inputs if len(inputs) > 1 else inputs[0]
         flat_inputs, spec = tree_flatten(inputs)
         labels = self._labels_of(inputs)
         image_pos = self._find_images(flat_inputs, labels)
+        self._check_batch(flat_inputs[image_pos])
         params = self.make_params(flat_inputs)
         strength = self.strength
         if not params["apply"] or strength == 0 or self.config.steps == 0:
@@ -246,8 +242,30 @@ class FlowTransform(Transform):
                 flat_outputs.append(inpt)
         return tree_unflatten(flat_outputs, spec)
 
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+    def transform(self, inpt: Any, params: dict[str, Any] | None = None) -> Any:
+        """torchvision's per-leaf hook (``params`` from :meth:`forward`). Called with a batch alone
+        (``t.fit(data).transform(x)``, scikit-learn's idiom) it is the transform itself: ``t(x)``."""
+        if params is None:
+            return self(inpt)
         return params["labels"] if inpt is params["labels_in"] else params["images"]
+
+    def _apply(self, fn, recurse=True):
+        """``t.to(device)``, ``t.to(torch.float64)``, ``t.cuda()``, ``t.double()``: the reference moves too, and a
+        dtype becomes the flow's computation dtype. An unusable device fails here, at once, changing nothing
+        (not at the first batch)."""
+        ref = self.reference
+        try:
+            probe = fn(torch.zeros((), dtype=ref.features.dtype, device=ref.device))
+        except (RuntimeError, AssertionError) as err:
+            raise RuntimeError(f"FlowTransform cannot move to that device: {str(err).splitlines()[0]}") from err
+        dtype = probe.dtype if probe.dtype != ref.features.dtype else None
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"FlowTransform computes in torch.float32 or torch.float64, got dtype {dtype}")
+        reference = ref.to(device=probe.device, dtype=dtype)
+        config = self.config if dtype is None else self.config.replace(dtype=dtype)
+        out = super()._apply(fn, recurse)
+        self.reference, self.config, self._warm = reference, config, {}
+        return out
 
     # ------------------------------------------------------------------ internals
     def _labels_of(self, inputs):
@@ -287,9 +305,24 @@ class FlowTransform(Transform):
                              "batch); 1-D extras such as indices pass through")
         return candidates[0]
 
+    def _check_batch(self, images: torch.Tensor) -> None:
+        """Refuse what cannot be flowed consistently (as MixUp refuses): not a batch, or a batch of one point
+        (a one-point measure flows onto the reference's mean, whatever the image)."""
+        shape, sample = tuple(images.shape), self.reference.sample_shape
+        if images.ndim < 2 or images.shape[0] == 0:
+            raise ValueError(f"images must be a non-empty batch (B, C, H, W) or (B, D), got shape {shape}")
+        if shape == sample or (images.shape[0] == 1 and len(shape) == len(sample)):
+            raise ValueError(
+                f"FlowTransform is a batch transform (like MixUp), but got one sample of shape {shape} (the "
+                f"reference's samples have shape {sample}): flowed alone, a single image lands on the reference's "
+                "mean. Apply it to batches: after the DataLoader, or in its collate_fn with flowaug.FlowCollate, "
+                "not in a Dataset's per-image transform")
+        if images.shape[0] == 1:
+            raise ValueError(
+                f"FlowTransform got a batch of 1 (shape {shape}): a one-point measure flows onto the reference's "
+                "mean. Use batches of 2 or more (DataLoader(..., drop_last=True) drops a last batch of 1)")
+
     def _flow(self, images: torch.Tensor, labels, params, strength: float) -> dict:
-        if images.ndim < 2:
-            raise ValueError(f"images must be a batch (B, C, H, W) or (B, D), got shape {tuple(images.shape)}")
         if images[0].numel() != self.reference.dim:
             raise ValueError(
                 f"images of shape {tuple(images.shape[1:])} have {images[0].numel()} values per sample but the "
@@ -300,9 +333,8 @@ class FlowTransform(Transform):
         x = batch_to_float(images.as_subclass(torch.Tensor))
         ref = self.reference.to(x.device)
         cfg = self.config
-        if cfg.class_map is not None and labels is None:
-            raise ValueError("class_map needs labels, but the batch has none (labels_getter found no labels tensor)")
-        use_labels = labels is not None and ref.labels is not None and cfg.reads_labels
+        plan = label_plan(cfg, labels, ref)  # the engine's rule: refuses here exactly what flow() refuses
+        use_labels = plan.uses_labels
         stats = self.source_stats if use_labels else None
         if use_labels and self._online_stats:  # a copy: committed only if the flow succeeds
             stats = ClassStats(single_sample=ref.single_sample)
@@ -311,23 +343,25 @@ class FlowTransform(Transform):
             stats.update(x, labels)
         n = max(1, math.ceil(strength * cfg.steps - 1e-9))
         tau = cfg.step_size * strength * cfg.steps / n
-        run_cfg = cfg.for_labels(use_labels).replace(steps=n, step_size=tau)
+        run_cfg = cfg.replace(steps=n, step_size=tau)
         device_key = str(x.device)
-        epoch = int(self._epoch.get())
+        epoch = self.state.current_epoch()
         if epoch != self._warm_epoch:  # warm starts restart every epoch: a resumed epoch flows exactly the same
             self._warm, self._warm_epoch = {}, epoch
-        result = run(
-            x, labels if use_labels else None, ref, run_cfg, source_stats=stats,
-            reference_index=params["reference_index"], generator=torch.Generator().manual_seed(params["flow_seed"]),
-            warm=self._warm.get(device_key) if self._warm_usable(params["reference_index"]) else None,
-        )
+        with self._warn_once():
+            result = run(
+                x, labels if use_labels else None, ref, run_cfg, source_stats=stats,
+                reference_index=params["reference_index"],
+                generator=torch.Generator().manual_seed(params["flow_seed"]),
+                warm=self._warm.get(device_key) if self._warm_usable(params["reference_index"]) else None,
+            )
         if use_labels and self._online_stats:
             self.source_stats = stats
         if self._warm_usable(params["reference_index"]):
             self._warm[device_key] = result.warm
         self.last_objective = result.objective  # (T,) when track_objective, else None
         new_labels = labels
-        if use_labels and cfg.labels == "flow":
+        if plan.labels_move:
             if self.soft or labels.ndim == 2:
                 new_labels = result.soft_labels.to(labels.dtype if labels.is_floating_point() else torch.float32)
             else:
@@ -339,19 +373,6 @@ class FlowTransform(Transform):
         whole reference, or one sample per epoch): potentials of another sample describe other points."""
         return self.warm_start and (index is None or self.resample == "epoch")
 
-    def _epoch_sample(self) -> torch.Tensor:
-        """The reference sample of the current epoch in this process (drawn at its first batch)."""
-        epoch = int(self._epoch.get())
-        if self._sample is None or self._sample[0] != epoch:
-            m = self.reference.num_samples
-            if self.seed is None:  # torch's global RNG, as every other draw without a seed
-                index = torch.randperm(m)[: self.reference_size]
-            else:  # from (seed, epoch) alone: every worker uses the same sample
-                gen = torch.Generator().manual_seed(mix_seed(self.seed, "reference sample", epoch) % (2**63))
-                index = torch.randperm(m, generator=gen)[: self.reference_size]
-            self._sample = (epoch, index)
-        return self._sample[1]
-
     def extra_repr(self) -> str:
         own = f"reference={self.reference!r}, soft={self.soft}, reference_size={self.reference_size}, " \
               f"resample={self.resample!r}, p={self.p}, " \
@@ -361,7 +382,7 @@ class FlowTransform(Transform):
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state["_warm"], state["_sample"] = {}, None  # derived per process
+        state["_warm"] = {}  # derived per process
         return state
 
 

@@ -285,13 +285,13 @@ class TestDropIn:
         with pytest.raises(TypeError, match=r"item_keys=\(input_key, label_key\)"):
             FlowDataset(odd, reference(), mode=mode, steps=2, progress=False)
         keyed = FlowDataset(odd, reference(), mode=mode, steps=2, progress=False, item_keys=("pixels", "cls"))
-        assert set(keyed.__getitems__([0])[0]) == {"pixels", "cls"}
+        assert set(keyed.__getitems__([0, 1])[0]) == {"pixels", "cls"}
 
     @pytest.mark.parametrize("mode", ["precompute", "online"])
     def test_extra_tuple_entries_pass_through(self, mode):
         ds = Items(lambda x, y, i: (x, int(y), {"index": i}))
         fd = FlowDataset(ds, reference(), mode=mode, steps=2, progress=False)
-        x, y, extra = fd.__getitems__([5])[0]
+        x, y, extra = fd.__getitems__([5, 6])[0]
         assert extra == {"index": 5} and y == ds[5][1] and not torch.equal(x, ds[5][0])
         with pytest.raises(ValueError, match="item_keys must be"):
             FlowDataset(ds, reference(), mode=mode, steps=2, progress=False, item_keys=(0, 0))

@@ -318,7 +318,7 @@ class _Draws(Dataset):
         return 8
 
     def __getitem__(self, i):
-        return torch.rand((), generator=self.transform._rng.get())
+        return torch.rand((), generator=self.transform.state.rng.get())
 
 
 class TestDeterminism:

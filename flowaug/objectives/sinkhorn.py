@@ -297,10 +297,13 @@ class Sinkhorn(Objective):
         warned = isinstance(state, SinkhornState) and state.warned
         if unconverged is not None and not warned:
             warned = True
+            fix = ("blur is already 'auto' (0.2 x the reference's median distance): check that x and the reference "
+                   "share units and scale, or raise max_iter") if self.blur == "auto" else \
+                "use a larger blur (e.g. 'auto') or raise max_iter"
             warn_user(
                 f"Sinkhorn did not converge in max_iter={self.max_iter} iterations at blur {math.sqrt(eps):.3g} "
-                f"(last change {unconverged:.2g} eps, tol {self.tol:g}): values and gradients are inaccurate; "
-                "use a larger blur (e.g. 'auto') or raise max_iter")
+                f"(last change {unconverged:.2g} eps, tol {self.tol:g}): values and gradients are inaccurate; {fix}",
+                kind="sinkhorn-convergence")
         new_state = SinkhornState(eps=eps, g_ab=g, f_aa=f_aa if self.debias else None, warned=warned)
         return Evaluation(value, grad, new_state, (it_ab, it_aa))
 
