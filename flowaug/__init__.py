@@ -19,6 +19,7 @@ from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
 from .objectives import (
     MMD,
     Custom,
+    Embedded,
     Entropy,
     Interaction,
     Objective,
@@ -36,6 +37,7 @@ __all__ = [
     "ClassStats",
     "Custom",
     "DenseMemoryError",
+    "Embedded",
     "Entropy",
     "FlowAnnealing",
     "FlowCollate",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Context, Evaluation, Objective, WeightedSum
 from .custom import Custom
+from .embedded import Embedded
 from .energies import Entropy, Interaction, Potential
 from .mmd import MMD
 from .sinkhorn import Sinkhorn
@@ -12,6 +13,7 @@ from .sliced import SlicedWasserstein
 __all__ = [
     "Context",
     "Custom",
+    "Embedded",
     "Evaluation",
     "Entropy",
     "Interaction",
@@ -33,6 +35,7 @@ OBJECTIVES = {
     "gaussian": lambda: MMD("gaussian"),
     "laplacian": lambda: MMD("laplacian"),
     "energy": lambda: MMD("energy"),
+    "linear": lambda: MMD("linear"),
     "sliced": SlicedWasserstein,
 }
 

@@ -1,4 +1,4 @@
-"""Maximum mean discrepancy with Gaussian, Laplacian and energy kernels.
+"""Maximum mean discrepancy with Gaussian, Laplacian, energy and linear kernels.
 
     MMD^2(a, b) = <a, K_xx a> / 2 - <a, K_xy b> + <b, K_yy b> / 2          (geomloss's convention)
 
@@ -7,6 +7,10 @@
 with ``grad_x k(x, y) = phi(x, y) (x - y)``. Both sums come from one pass per pair and one matrix
 product; ``<b, K_yy b>`` depends on the reference alone and is computed once, lazily (geomloss's
 ``SamplesLoss("gaussian")`` recomputes it at every call, which is most of the time at M = 4096).
+
+The linear kernel ``k(x, y) = <x, y>`` (not in geomloss) gives ``MMD^2 = ||mean x - mean y||^2 / 2``: mean
+matching, the loss of distribution matching (Zhao & Bilen 2023) in an embedding (:class:`~flowaug.Embedded`).
+Its gradient ``mean x - mean y`` is the same for every point and costs O(N + M), so it has its own path.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .base import Context, Evaluation, Objective
 
 __all__ = ["MMD", "KERNELS"]
 
-KERNELS = ("gaussian", "laplacian", "energy")
+KERNELS = ("gaussian", "laplacian", "energy", "linear")
 _EXP_FLOOR = -80.0  # see flowaug.backends.dense: exp below -88 takes a slow path on CPU
 
 
@@ -86,7 +90,8 @@ class MMD(Objective):
     """Squared MMD to the reference.
 
     Args:
-        kernel: ``"gaussian"``, ``"laplacian"`` or ``"energy"`` (the energy distance; no bandwidth).
+        kernel: ``"gaussian"``, ``"laplacian"``, ``"energy"`` (the energy distance; no bandwidth) or
+            ``"linear"`` (mean matching; no bandwidth, the value is already a squared length).
         bandwidth: kernel scale ``s`` in data units, or ``"auto"``: the median pairwise distance between
             reference points (the median heuristic). A fixed small bandwidth is a trap in high dimension:
             at d = 784, s = 0.5 on [0, 1] images gives kernel values (and gradients) of exactly 0.
@@ -117,7 +122,7 @@ class MMD(Objective):
         """Unit of the objective: ``s^2`` (Gaussian, Laplacian) or the median distance (energy) when
         ``normalize``, so that Wasserstein gradients are lengths and ``step_size`` means what it means for
         Sinkhorn (tau = 1 moves a point by about its distance to the reference) at any data scale."""
-        if not self.normalize:
+        if not self.normalize or self.kernel == "linear":
             return 1.0
         return ctx.median_distance() if self.kernel == "energy" else self.scale(ctx) ** 2
 
@@ -131,6 +136,8 @@ class MMD(Objective):
         return _Gaussian(s) if self.kernel == "gaussian" else _Laplacian(s)
 
     def evaluate(self, z, ctx, state=None):
+        if self.kernel == "linear":
+            return self._linear(z, ctx)
         kernel = self._kernel(ctx)
         n = z.shape[0]
         a = z.new_full((n,), 1.0 / n)
@@ -143,7 +150,18 @@ class MMD(Objective):
         unit = self.factor(ctx)
         return Evaluation((a @ per_point) * unit, grad.mul_(unit))
 
+    @staticmethod
+    def _linear(z, ctx) -> Evaluation:
+        """``<mx, mx> / 2 - <mx, my>`` (the constant ``<my, my> / 2`` apart); ``N grad_i = mx - my``."""
+        mx = z.mean(0)  # (D,)
+        my = ctx.ref_weights_log(z).exp() @ ctx.z_ref  # (D,)
+        value = 0.5 * (mx @ mx) - mx @ my
+        return Evaluation(value, (mx - my).expand_as(z).clone())
+
     def constant(self, ctx):
+        if self.kernel == "linear":
+            my = ctx.ref_weights_log(ctx.z_ref).exp() @ ctx.z_ref
+            return 0.5 * float(my @ my)
         key = ("mmd.self", self.kernel, self.scale(ctx) if self.kernel != "energy" else None)
         cacheable = ctx.ref_subset is None
         if cacheable and key in ctx.cache:
