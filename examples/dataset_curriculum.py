@@ -6,10 +6,10 @@
 import tempfile
 
 import torch
+from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 from torch.utils.data import TensorDataset
 
 import flowaug
-from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 
 
 def as_uint8(x, y):

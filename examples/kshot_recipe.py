@@ -7,18 +7,19 @@ other on MNIST -> USPS and USPS -> MNIST; at k >= 5 it was not ahead (benchmarks
 
 Each dataset is an ordinary map-style Dataset; ConcatDataset mixes them as a practitioner would, and the flowed
 source is computed once by FlowDataset (precompute mode, cacheable on disk). Toy domains here (seconds); the
-benchmark runs the same recipe on MNIST -> USPS and USPS -> MNIST.
+benchmark runs the same recipe on MNIST -> USPS and USPS -> MNIST. Built here for k = 1 (``K = 1``: one labelled
+target image per class), the k it was selected for; at larger ``K`` expect it not to be ahead (above).
 
     python examples/kshot_recipe.py
 """
 
 import torch
 import torch.nn.functional as F
+from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 import flowaug
-from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 
 
 class WithTransform(Dataset):
@@ -35,9 +36,11 @@ class WithTransform(Dataset):
         return self.transform(x), y
 
 
+K = 1  # labelled target images per class (the k the recipe was selected for)
+
 torch.manual_seed(0)
 source = TensorDataset(*domain(1000, 0, seed=0))  # large labelled source
-shots = domain(4 * 5, 1, seed=1)  # k = 5 labelled target images per class
+shots = domain(4 * K, 1, seed=1)  # K labelled target images for each of the 4 classes
 test = domain(400, 1, seed=2)  # the target domain, for scoring only
 
 flowed = flowaug.FlowDataset(source, shots, steps=10, step_size=0.2, class_map="same", labels="flow", seed=0)

@@ -9,10 +9,10 @@ persistent workers (collate_fn), and the callback logs it.
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from _domains import domain  # the examples' two toy domains (examples/_domains.py)
+from torch.utils.data import DataLoader, TensorDataset
 
 import flowaug
-from _domains import domain  # the examples' two toy domains (examples/_domains.py)
 
 
 class Classifier(pl.LightningModule):
@@ -34,21 +34,13 @@ class Classifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-class FlowCollate:  # a class, not a lambda: picklable for spawned workers too
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, items):
-        return self.transform(*default_collate(items))
-
-
 if __name__ == "__main__":
     source = TensorDataset(*domain(1024, 0, seed=0))
     shots = domain(40, 1, seed=1)
     test = TensorDataset(*domain(400, 1, seed=2))
     flow_to_target = flowaug.FlowTransform(shots, steps=4, step_size=0.5, class_map="same", seed=0)
     train = DataLoader(source, batch_size=64, shuffle=True, num_workers=2, persistent_workers=True,
-                       collate_fn=FlowCollate(flow_to_target))
+                       collate_fn=flowaug.FlowCollate(flow_to_target))  # picklable: any start method
     annealing = flowaug.FlowAnnealing(flow_to_target, "cosine", start_value=0.0, end_value=1.0)
     trainer = pl.Trainer(max_epochs=4, accelerator="cpu", callbacks=[annealing], logger=False,
                          enable_checkpointing=False, enable_model_summary=False)

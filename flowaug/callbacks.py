@@ -14,13 +14,14 @@ batch, which DataLoader does not give a collate_fn; ``apply_to_batches`` is the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
 
 from ._checks import check_choice, check_int, check_real, describe, warn_user
-from .schedules import SCHEDULES, schedule_value
+from .schedules import resolve_schedule, schedule_value
 from .transforms import FlowTransform
 
 __all__ = ["Annealable", "FlowAnnealing"]
@@ -55,7 +56,8 @@ class FlowAnnealing(pl.Callback):
     Args:
         targets: one :class:`Annealable` (FlowTransform, FlowDataset, or any object with a settable
             ``strength`` and ``set_epoch(epoch)``) or a list of them.
-        schedule: ``"linear"``, ``"cosine"``, ``"step"``, ``"exponential"`` or a callable
+        schedule: ``"linear"``, ``"cosine"`` (or ``"cos"``, as ``StochasticWeightAveraging`` names it; stored,
+            shown and checkpointed as ``"cosine"``), ``"step"``, ``"exponential"`` or a callable
             ``progress -> strength`` (see :mod:`flowaug.schedules`).
         start_value, end_value: strength at the start and at the end of the schedule (either order).
         start: where the schedule starts: an epoch/step index (int) or a fraction of training (float),
@@ -86,8 +88,8 @@ class FlowAnnealing(pl.Callback):
         *,
         start_value: float = 0.0,
         end_value: float = 1.0,
-        start: int | float = 0,
-        end: int | float | None = None,
+        start: int | float = 0,  # noqa: PYI041 - an int is an epoch/step, a float a fraction
+        end: int | float | None = None,  # noqa: PYI041
         interval: str = "epoch",
         stairs: int = 4,
         rate: float = 5.0,
@@ -104,9 +106,7 @@ class FlowAnnealing(pl.Callback):
                     f"targets[{i}] must be annealable (a 'strength' attribute and a set_epoch(epoch) method, as "
                     f"FlowTransform and FlowDataset), got {describe(t)}"
                 )
-        if not callable(schedule):
-            check_choice("schedule", schedule, SCHEDULES)
-        self.schedule = schedule
+        self.schedule = resolve_schedule(schedule)  # "cos" (StochasticWeightAveraging's name) -> "cosine"
         self.start_value = check_real("start_value", start_value, low=0, high=1)
         self.end_value = check_real("end_value", end_value, low=0, high=1)
         self.start = _check_position("start", start, allow_none=False)

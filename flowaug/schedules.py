@@ -3,7 +3,8 @@
 ``value = start_value + (end_value - start_value) * shape(progress)`` with
 
 * ``"linear"``: ``p``
-* ``"cosine"``: ``(1 - cos(pi p)) / 2`` (slow at both ends)
+* ``"cosine"``: ``(1 - cos(pi p)) / 2`` (slow at both ends); ``"cos"`` is an alias (Lightning's
+  ``StochasticWeightAveraging`` name), normalised to ``"cosine"`` by :func:`resolve_schedule`
 * ``"step"``: ``floor(p * stairs) / stairs`` (a staircase of ``stairs`` equal steps, 1 at the end)
 * ``"exponential"``: ``(exp(rate p) - 1) / (exp(rate) - 1)`` (slow start for ``rate > 0``, fast start
   for ``rate < 0``; linear as ``rate -> 0``)
@@ -15,13 +16,28 @@ works: ``start_value > end_value`` anneals away from the reference.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ._checks import check_choice, check_int, check_real
 
-__all__ = ["SCHEDULES", "schedule_value"]
+__all__ = ["ALIASES", "SCHEDULES", "resolve_schedule", "schedule_value"]
 
 SCHEDULES = ("linear", "cosine", "step", "exponential")
+ALIASES = {"cos": "cosine"}  # StochasticWeightAveraging(annealing_strategy="cos") spells cosine annealing so
+
+
+def resolve_schedule(schedule: str | Callable[[float], float]) -> str | Callable[[float], float]:
+    """A callable as is; a name checked and normalised (``"cos"`` -> ``"cosine"``).
+
+    Example:
+        >>> resolve_schedule("cos"), resolve_schedule("linear")
+        ('cosine', 'linear')
+    """
+    if callable(schedule):
+        return schedule
+    if isinstance(schedule, str) and schedule in ALIASES:
+        return ALIASES[schedule]
+    return check_choice("schedule", schedule, SCHEDULES + tuple(ALIASES))
 
 
 def _shape(name: str, p: float, stairs: int, rate: float) -> float:
@@ -51,7 +67,7 @@ def schedule_value(schedule: str | Callable[[float], float], progress: float, st
     p = check_real("progress", progress, low=0, high=1)
     if callable(schedule):
         return check_real("schedule(progress)", schedule(p), low=0, high=1)
-    check_choice("schedule", schedule, SCHEDULES)
+    schedule = resolve_schedule(schedule)
     stairs = check_int("stairs", stairs, minimum=1)
     rate = check_real("rate", rate)
     return start_value + (end_value - start_value) * _shape(schedule, p, stairs, rate)

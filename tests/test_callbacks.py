@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 
@@ -41,9 +42,24 @@ class TestFlowAnnealing:
     def test_schedules_go_from_start_to_end(self, name):
         values = [schedule_value(name, p / 10) for p in range(11)]
         assert values[0] == 0 and values[-1] == pytest.approx(1)
-        assert all(b >= a for a, b in zip(values, values[1:]))
+        assert all(b >= a for a, b in itertools.pairwise(values))
         back = [schedule_value(name, p / 10, 1.0, 0.2) for p in range(11)]
         assert back[0] == 1 and back[-1] == pytest.approx(0.2)
+
+    def test_cos_is_an_alias_of_cosine(self):
+        # StochasticWeightAveraging(annealing_strategy="cos") spells cosine annealing "cos": accepted, and
+        # normalised to "cosine" so repr, state_key (checkpoint key) and values match a "cosine" callback
+        cos, cosine = FlowAnnealing(transform(), "cos"), FlowAnnealing(transform(), "cosine")
+        assert cos.schedule == "cosine"
+        assert repr(cos) == repr(cosine) and "schedule='cosine'" in repr(cos)
+        assert cos.state_key == cosine.state_key
+        assert [cos.value_at(e, 11) for e in range(11)] == [cosine.value_at(e, 11) for e in range(11)]
+        assert cos.value_at(5, 11) == pytest.approx(0.5) and cos.value_at(2, 11) == pytest.approx(0.5 - 0.5 * math.cos(0.2 * math.pi))
+        assert pickle.loads(pickle.dumps(cos)).schedule == "cosine"
+        assert cos.state_dict() == cosine.state_dict()
+        assert schedule_value("cos", 0.25) == schedule_value("cosine", 0.25)
+        with pytest.raises(ValueError, match="'cos'"):  # the error lists the alias among the accepted names
+            FlowAnnealing(transform(), "cosinus")
 
     def test_callable_schedule_and_start_fraction(self):
         cb = FlowAnnealing(transform(), lambda p: p * p, start=0.5)
