@@ -82,7 +82,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 import flowaug  # noqa: E402
-from benchmarks.common import machine, markdown_table, write_json  # noqa: E402
+from benchmarks.common import (append, machine, markdown_table, paired, run_parallel, t_interval,  # noqa: E402, F401
+                               write_json)
 from flowaug.data import load_dataset, resize_images  # noqa: E402
 from flowaug.demo import LeNet5, accuracy, per_class  # noqa: E402
 
@@ -304,12 +305,6 @@ def diversity(raw, flowed: dict, shots, val) -> dict:
             "flowed (t=1)": stats(snaps[-1], flowed["labels"]), "target validation": stats(*val, itself=True)}
 
 
-def append(path: str, record: dict) -> None:
-    """One finished record, one line, one write: parallel jobs append to the same file safely (O_APPEND)."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def run_unit(args, stage: str, k: int, draw: int, seed_index: int, variants: list[str]) -> None:
     """Train ``variants`` on one (draw, seed), paired; each record (and the draw's diversity) appended at once."""
     torch.set_num_threads(1)
@@ -376,20 +371,6 @@ def run_units(args, units: list[tuple]) -> None:
     run_parallel(run_unit, args, todo)
 
 
-def run_parallel(fn, args, units: list[tuple]) -> None:
-    """``fn(args, *unit)`` for every unit, in ``args.jobs`` spawned processes (each sets one thread) or here."""
-    if args.jobs > 1 and len(units) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in [pool.submit(fn, args, *u) for u in units]:
-                fut.result()
-    else:
-        for u in units:
-            fn(args, *u)
-
-
 def choose_recipes(records: list[dict], ks: list[int]) -> tuple[dict, dict]:
     """Per k, the candidate with the highest mean validation accuracy (stage "select" only)."""
     table, recipe = {}, {}
@@ -404,29 +385,6 @@ def choose_recipes(records: list[dict], ks: list[int]) -> tuple[dict, dict]:
             if ref:
                 table[k]["reference baseline: " + name] = {"validation_mean": statistics.mean(ref), "runs": ref}
     return table, recipe
-
-
-def t_interval(d: list[float]) -> list[float] | None:
-    from scipy import stats
-
-    if len(d) < 2:
-        return None
-    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return [statistics.mean(d) - half, statistics.mean(d) + half]
-
-
-def paired(a: dict, b: dict) -> dict:
-    """Mean of a - b over the (draw, seed) keys both have, with a 95 % t-interval over those runs (the issue's
-    statistic) and, more conservative, over the per-draw means (seeds of one draw share its shots, source sample
-    and flow, so they are not independent draws of the data: df = draws - 1)."""
-    keys = [key for key in a if key in b]
-    d = [a[key] - b[key] for key in keys]
-    if not d:
-        return {"mean_diff": None, "ci95": None, "pairs": 0}
-    draws = sorted({key[0] for key in keys})
-    per_draw = [statistics.mean(a[key] - b[key] for key in keys if key[0] == dr) for dr in draws]
-    return {"mean_diff": statistics.mean(d), "ci95": t_interval(d), "pairs": len(d),
-            "ci95_over_draw_means": t_interval(per_draw), "draws": len(draws)}
 
 
 def summarize(records: list[dict], ks: list[int], recipe: dict, budget: int) -> list[dict]:

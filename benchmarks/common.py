@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -65,3 +66,46 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def run_parallel(fn, args, units: list[tuple]) -> None:
+    """``fn(args, *unit)`` for every unit, in ``args.jobs`` spawned processes (each sets one thread) or here."""
+    if args.jobs > 1 and len(units) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in [pool.submit(fn, args, *u) for u in units]:
+                fut.result()
+    else:
+        for u in units:
+            fn(args, *u)
+
+
+def t_interval(d: list[float]) -> list[float] | None:
+    from scipy import stats
+
+    if len(d) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return [statistics.mean(d) - half, statistics.mean(d) + half]
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Mean of a - b over the (draw, seed) keys both have, with a 95 % t-interval over those runs (the issue's
+    statistic) and, more conservative, over the per-draw means (seeds of one draw share its shots, source sample
+    and flow, so they are not independent draws of the data: df = draws - 1)."""
+    keys = [key for key in a if key in b]
+    d = [a[key] - b[key] for key in keys]
+    if not d:
+        return {"mean_diff": None, "ci95": None, "pairs": 0}
+    draws = sorted({key[0] for key in keys})
+    per_draw = [statistics.mean(a[key] - b[key] for key in keys if key[0] == dr) for dr in draws]
+    return {"mean_diff": statistics.mean(d), "ci95": t_interval(d), "pairs": len(d),
+            "ci95_over_draw_means": t_interval(per_draw), "draws": len(draws)}
+
+
+def append(path: str, record: dict) -> None:
+    """One finished record, one line, one write: parallel jobs append to the same file safely (O_APPEND)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
