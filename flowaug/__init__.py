@@ -27,6 +27,7 @@ from .objectives import (
     Sinkhorn,
     SlicedWasserstein,
 )
+from .condense import Condensed, condense
 from .datasets import FlowDataset
 from .reference import Reference
 from .transforms import FlowCollate, FlowTransform
@@ -35,6 +36,7 @@ from ._version import __version__
 
 __all__ = [
     "ClassStats",
+    "Condensed",
     "Custom",
     "DenseMemoryError",
     "Embedded",
@@ -54,6 +56,7 @@ __all__ = [
     "Sinkhorn",
     "SlicedWasserstein",
     "assign_classes",
+    "condense",
     "decode_labels",
     "flow",
 ]
