@@ -329,6 +329,9 @@ def main(argv=None):
                 objective, scale = feature_objective(model, mx, chosen["layer"], chosen["blur"])
                 name = (f"{inp} USPS test: unlabeled (frozen-feature OT: {chosen['layer']}, blur {chosen['blur']}, "
                         f"step size {chosen['step_size']})")
+                if chosen["best_steps"] == 0:  # no setting raised the held-out accuracy at any step count tried
+                    name = (f"{inp} USPS test: unlabeled (frozen-feature OT): 0 steps chosen, every setting "
+                            "lowered the held-out accuracy")
                 curves[name], finals[inp, v] = run_flow(name, x0, uy, reference, model, args, "features",
                                                         chosen["best_steps"], chosen["step_size"],
                                                         objective=objective)
@@ -383,7 +386,7 @@ def main(argv=None):
                   for inp in no_flow]
     for r in results:
         change = fmt_change(r["change vs its start"])
-        if "change vs raw USPS" in r:
+        if "change vs raw USPS" in r and r["input"] != "raw":
             change += f"; vs raw {fmt_change(r['change vs raw USPS'])}"
         table_rows.append([f"{r['input']} {args.target} {'train' if r.get('oracle') else 'test'}",
                            r["name"].split(": ", 1)[1] if not r.get("oracle") else "**oracle**: label-aware "
