@@ -179,8 +179,8 @@ class WarnOnce:
     otherwise repeat one diagnosis per batch, with numbers that differ (so Python's own once-per-line
     filter does not merge them). Warnings without a ``kind`` are merged by their text."""
 
-    def __init__(self):
-        self.seen: set = set()
+    def __init__(self, drop=()):
+        self.seen: set = set(drop)  # kinds never shown
 
     @contextlib.contextmanager
     def __call__(self):

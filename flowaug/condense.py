@@ -30,7 +30,7 @@ import os
 import numpy as np
 import torch
 
-from ._checks import check_choice, check_int, check_real, describe
+from ._checks import WarnOnce, check_choice, check_int, check_real, describe
 from ._io import atomic_path
 from ._shared import mix_seed
 from .config import fingerprint
@@ -183,9 +183,10 @@ def condense(data, images_per_class: int, *, objective: str | Objective = "sinkh
         images_per_class: synthetic images per class.
         objective: ``"sinkhorn"``, ``"mmd"`` (Gaussian), ``"linear"`` (mean matching: distribution matching) or
             an :class:`~flowaug.Objective`, measured in the embedding.
-        embedding: a factory of embeddings (a callable with no arguments, called at every step), or a fixed
-            embedding (an ``nn.Module``/callable with a ``parameters`` method is treated as fixed);
-            default :class:`RandomEmbedding` (random ConvNet-3 of ``width``, DSA ``augment``).
+        embedding: a fixed embedding (an ``nn.Module``: its ``forward``, flattened per image, e.g. a trained
+            network's ``features``), or a factory of embeddings (any other callable, called with no arguments
+            at every step); default :class:`RandomEmbedding` (a fresh random ConvNet-3 of ``width`` per step,
+            after a DSA ``augment`` draw).
         iterations: flow steps; real_per_class: real images embedded per class and step.
         step_size, momentum: the flow's explicit Euler step and heavy-ball coefficient.
         init: ``"real"`` (random real images, seeded) or ``"noise"``.
@@ -227,13 +228,17 @@ def condense(data, images_per_class: int, *, objective: str | Objective = "sinkh
     start = done["iterations"] if done else 0
     ref = Reference(x, y)
     bar = tqdm(total=iterations, initial=start, desc="condensing", disable=not progress, leave=False)
+    # synthetic particles are free parameters (noise at the start, unbounded after): their value range says
+    # nothing about units, so the engine's units diagnosis is dropped; the rest is said once per run
+    warn_once = WarnOnce(drop={"units"})
     while start < iterations:
         steps = min(checkpoint_every, iterations - start)
         segment = start // checkpoint_every
         t0 = time.perf_counter()
-        out = flow(syn, labels, ref, objective=obj, class_map="same", steps=steps, step_size=step_size,
-                   momentum=momentum, track_objective=False,
-                   generator=torch.Generator().manual_seed(mix_seed(seed, "condense", segment) % 2**63))
+        with warn_once():
+            out = flow(syn, labels, ref, objective=obj, class_map="same", steps=steps, step_size=step_size,
+                       momentum=momentum, track_objective=False,
+                       generator=torch.Generator().manual_seed(mix_seed(seed, "condense", segment) % 2**63))
         seconds += time.perf_counter() - t0
         syn, start = out.x, start + steps
         bar.update(steps)
