@@ -1,4 +1,4 @@
-"""Command line: ``flowaug demo``, ``flowaug flow``, ``flowaug distance`` (also ``python -m flowaug``)."""
+"""Command line: ``flowaug demo``, ``flowaug flow``, ``flowaug condense``, ``flowaug distance`` (also ``python -m flowaug``)."""
 
 from __future__ import annotations
 
@@ -139,6 +139,24 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the flow's randomness")
     f.add_argument("--out", metavar="DIR", default="flowaug_outputs/flow", help="output folder")
 
+    c = command("condense", help="synthesize a few images per class that train like the dataset (npz + picture)",
+                description="Condense DATASET (a name under --data, a folder with train.npz, or a torchvision "
+                            "name) into --ipc images per class by a class-wise flow in fresh random ConvNet "
+                            "embeddings (flowaug.condense); writes OUT/condensed.npz and OUT/condensed.png. "
+                            "Resumable: rerun the same command after an interruption.")
+    c.add_argument("dataset", help="dataset to condense, e.g. mnist")
+    c.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    c.add_argument("--objective", default="sinkhorn", choices=["sinkhorn", "mmd", "linear"],
+                   help="in the embedding: whole class distributions (sinkhorn, mmd) or class means (linear: "
+                        "distribution matching)")
+    c.add_argument("--iterations", type=int, default=1000, help="flow steps")
+    c.add_argument("--step-size", type=float, default=0.2, help="step size tau (distribution matching with lr 1: "
+                                                                 "2 / ipc)")
+    c.add_argument("--real-per-class", type=int, default=256, help="real images embedded per class and step")
+    c.add_argument("--width", type=int, default=128, help="width of the random ConvNet-3")
+    c.add_argument("--seed", type=int, default=0, help="seeds the initial images, networks and augmentations")
+    c.add_argument("--out", metavar="DIR", default="flowaug_outputs/condense", help="output folder")
+
     t = command("distance", help="OTDD between two labeled datasets (symmetric: the order does not matter)",
                 description="Optimal transport dataset distance (debiased Sinkhorn divergence in the "
                             "label-aware space; geomloss's halved squared cost). Symmetric: both datasets are "
@@ -269,6 +287,26 @@ def cmd_distance(args) -> int:
     return 0
 
 
+def cmd_condense(args) -> int:
+    from .condense import condense
+    from .data import load_dataset
+
+    if os.path.isfile(os.path.join(args.dataset, "train.npz")):
+        data, name = args.dataset, os.path.basename(os.path.abspath(args.dataset))
+    else:
+        data, name = load_dataset(args.dataset, "train", data_dir=args.data), args.dataset
+    os.makedirs(args.out, exist_ok=True)
+    syn = condense(data, args.ipc, objective=args.objective, iterations=args.iterations, step_size=args.step_size,
+                   real_per_class=args.real_per_class, width=args.width, seed=args.seed,
+                   checkpoint=os.path.join(args.out, "checkpoint.pt"))
+    npz, png = os.path.join(args.out, "condensed.npz"), os.path.join(args.out, "condensed.png")
+    syn.save(npz)
+    syn.grid(png, title=f"{name}: {args.ipc} synthetic images per class ({args.objective} flow)")
+    print(f"condensed {name} to {len(syn)} images ({syn.info['seconds_per_iteration']:.3f} s per iteration)")
+    print(f"wrote {npz} and {png}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -284,12 +322,13 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     sub = next(a for a in parser._actions if a.dest == "command").choices[args.command]
-    lows = {"steps": 0, "seed": 0, "limit": 2 if args.command == "distance" else 1}
+    lows = {"steps": 0, "seed": 0, "limit": 2 if args.command == "distance" else 1, "ipc": 1, "iterations": 0,
+            "real_per_class": 2, "width": 1}
     for name, low in lows.items():  # --limit: also its deprecated alias --max-samples (same dest)
         value = getattr(args, name, None)
         if value is not None and value < low:
             want = {0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
-            sub.error(f"argument --{name}: expected {want}, got {value}")
+            sub.error(f"argument --{name.replace('_', '-')}: expected {want}, got {value}")
     step_size = getattr(args, "step_size", 1.0)
     if not (math.isfinite(step_size) and step_size > 0):
         sub.error(f"argument --step-size: expected a finite number > 0, got {step_size}")
@@ -301,7 +340,8 @@ def main(argv=None) -> int:
         sub.error(f"argument --size: expected one or two positive integers (N or H W), got {len(size)} values")
     _set_threads(args.threads, args.command)
     try:
-        return {"demo": cmd_demo, "flow": cmd_flow, "distance": cmd_distance}[args.command](args)
+        return {"demo": cmd_demo, "flow": cmd_flow, "distance": cmd_distance,
+                "condense": cmd_condense}[args.command](args)
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"flowaug {args.command}: error: {err}", file=sys.stderr)
         return 2

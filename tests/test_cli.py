@@ -20,7 +20,7 @@ from flowaug.demo import run_demo, train_classifier
 from .conftest import tiny_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("demo", "flow", "distance")
+COMMANDS = ("demo", "flow", "distance", "condense")
 DISTANCE_KEYS = ("a", "b", "split", "size", "samples", "seed", "label_weight", "covariance", "blur", "otdd",
                  "distance")
 
@@ -319,3 +319,29 @@ class TestPackage:
         setup = configparser.ConfigParser()
         setup.read(os.path.join(ROOT, "setup.cfg"))
         assert "py.typed" in setup["options.package_data"]["flowaug"].split()
+
+
+class TestCondense:
+    def test_writes_the_synthetic_set_and_resumes(self, data, tmp_path, threads, capsys):
+        out = str(tmp_path / "out")
+        args = ["condense", "mnist", "--data", data, "--ipc", "2", "--iterations", "3", "--real-per-class", "4",
+                "--width", "4", "--out", out]
+        assert cli.main(args) == 0
+        saved = np.load(os.path.join(out, "condensed.npz"))
+        assert saved["x"].shape == (6, 1, 28, 28) and sorted(saved["y"].tolist()) == [0, 0, 1, 1, 2, 2]
+        assert os.path.getsize(os.path.join(out, "condensed.png")) > 0
+        assert cli.main(args) == 0  # the finished checkpoint is found: the same result, no work
+        assert np.array_equal(np.load(os.path.join(out, "condensed.npz"))["x"], saved["x"])
+        assert "wrote" in capsys.readouterr().out
+
+    def test_a_folder_with_train_npz_is_a_dataset(self, data, tmp_path, threads):
+        out = str(tmp_path / "out")
+        assert cli.main(["condense", os.path.join(data, "usps"), "--ipc", "1", "--iterations", "1", "--width", "4",
+                         "--real-per-class", "4", "--out", out]) == 0
+        assert np.load(os.path.join(out, "condensed.npz"))["x"].shape == (3, 1, 16, 16)
+
+    @pytest.mark.parametrize("option, value", [("--ipc", "0"), ("--width", "0"), ("--real-per-class", "1")])
+    def test_bad_numbers_name_the_argument(self, data, capsys, option, value):
+        with pytest.raises(SystemExit):
+            cli.main(["condense", "mnist", "--data", data, option, value])
+        assert f"argument {option}" in capsys.readouterr().err
