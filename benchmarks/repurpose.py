@@ -363,12 +363,14 @@ def main(argv=None):
                         "step 0": c["accuracy"][0], "last step": c["accuracy"][-1], "steps": c["steps"][-1],
                         "seconds": c["seconds"][-1], "change vs its start": paired_change(model, tx, finals["raw", "labels"], ty)})
     png = os.path.splitext(args.out)[0] + ".png"
-    objective_curve({k: (c["steps"], [100 * a for a in c["accuracy"]]) for k, c in curves.items()}, png,
+    short = {"unlabeled": "pixel", "pseudo": "pseudo", "features": "feature OT", "labels": "oracle (train)"}
+    legend = {r["name"]: f"{'' if r['variant'] == 'labels' else r['input'] + ': '}{short[r['variant']]}"
+              + (f" ({r['steps']} steps)" if r["variant"] == "features" else "") for r in results}
+    objective_curve({legend[k]: (c["steps"], [100 * a for a in c["accuracy"]]) for k, c in curves.items()}, png,
                     xlabel="flow steps", ylabel="frozen-model accuracy (%)",
-                    title=f"{args.target} flowed toward {args.source}: frozen-model accuracy")
+                    title=f"{args.target} toward {args.source}: frozen-model accuracy")
     cols = torch.cat([torch.nonzero(uy == c).flatten()[:1] for c in range(10)])
     tcols = torch.cat([torch.nonzero(ty == c).flatten()[:1] for c in range(10)])
-    short = {"unlabeled": "pixel", "pseudo": "pseudo", "features": "feature OT"}
     rows, labels = [], []
     for inp in args.inputs:
         rows.append(starts[inp][0][cols])
