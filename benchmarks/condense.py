@@ -43,13 +43,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import flowaug  # noqa: E402
 from benchmarks.common import append, machine, markdown_table, paired, run_parallel, write_json  # noqa: E402
 from flowaug._io import atomic_path  # noqa: E402
 from flowaug._shared import mix_seed  # noqa: E402
-from flowaug.condense import DSA_DIGITS, _initial  # noqa: E402
+from flowaug.condense import DSA_DIGITS, _initial, evaluate_synthetic  # noqa: E402
 from flowaug.data import load_dataset  # noqa: E402
 from flowaug.dsa import SiameseAugment  # noqa: E402
 from flowaug.networks import ConvNet  # noqa: E402
@@ -169,27 +168,8 @@ def synthesize(args, method, ipc, seed, train):
 
 # ---------------------------------------------------------------------- evaluation
 def evaluate(sx, sy, score, args, seed) -> float:
-    """Train a fresh ConvNet-3 on (sx, sy) with the anchors' recipe and DSA; accuracy (%) on ``score``."""
-    torch.manual_seed(mix_seed(seed, "eval net") % 2**63)
-    net = ConvNet(sx.shape[1], int(sy.max()) + 1, sx.shape[2:], args.width)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [args.eval_epochs // 2], 0.1)
-    g = torch.Generator().manual_seed(mix_seed(seed, "eval batches") % 2**63)
-    aug = SiameseAugment(DSA_DIGITS)
-    for _ in range(args.eval_epochs):
-        order = torch.randperm(len(sx), generator=g)
-        for i in range(0, len(sx), 256):
-            idx = order[i: i + 256]
-            xb = aug.apply(sx[idx], aug.draw(len(idx), generator=g))
-            loss = F.cross_entropy(net(xb), sy[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    x, y = score
-    with torch.no_grad():
-        pred = torch.cat([net(x[i: i + 2048]).argmax(1) for i in range(0, len(x), 2048)])
-    return 100.0 * float((pred == y).float().mean())
+    """flowaug.condense.evaluate_synthetic: a fresh ConvNet-3 trained with the anchors' recipe and DSA."""
+    return evaluate_synthetic((sx, sy), score, width=args.width, epochs=args.eval_epochs, seed=seed)
 
 
 # ---------------------------------------------------------------------- units

@@ -111,11 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     def command(name, **kwargs):
         return sub.add_parser(name, parents=[common], formatter_class=_HelpFormatter, **kwargs)
 
-    d = command("demo", help="flow a real dataset toward a reference and report what improved (offline OK)",
-                description="Re-purpose a frozen classifier: flow a shifted dataset back toward the "
-                            "classifier's training data; writes pictures and a report.")
+    d = command("demo", help="condense a dataset, re-purpose a frozen classifier; report what each gives "
+                             "(offline OK)",
+                description="1. Condensation: 10 images per class by flowaug.condense, next to random real "
+                            "images and distribution matching, each scored by the test accuracy of a ConvNet "
+                            "trained on it. 2. Re-purposing: flow a shifted dataset back toward a frozen "
+                            "classifier's training data (the label-steered flow is marked oracle). Writes "
+                            "pictures and a report.")
     d.add_argument("--out", metavar="DIR", default="flowaug_outputs/demo", help="output folder")
-    d.add_argument("--steps", type=int, default=20, help="flow steps")
+    d.add_argument("--steps", type=int, default=20, help="flow steps of the re-purposing flows")
     d.add_argument("--step-size", type=float, default=0.5, help="step size tau")
 
     f = command("flow", help="flow a dataset toward a reference; write the flowed dataset (npz) and a picture",
@@ -311,6 +315,11 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     report = run_demo(args.data, args.out, steps=args.steps, step_size=args.step_size)
+    c = report["condensation"]
+    print(f"condensation, {c['images_per_class']} images per class ({c['data']}): test accuracy of a ConvNet "
+          "trained on")
+    for name, acc in c["accuracy"].items():
+        print(f"  {name}: {acc:.1f}%")
     print(f"{report['setting']}: frozen-model accuracy {100 * report['accuracy_before']:.1f}% before the flow")
     for name, acc in report["accuracy_after"].items():
         print(f"  after the {name}: {100 * acc:.1f}%")

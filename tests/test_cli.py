@@ -270,21 +270,33 @@ class TestDistanceCommand:
 
 class TestRunDemo:
     def test_says_what_it_does_before_and_while_training(self, data, tmp_path, capsys):
-        report = run_demo(data, str(tmp_path / "out"), steps=2)
+        report = run_demo(data, str(tmp_path / "out"), steps=2, condensation=False)
         err = capsys.readouterr().err
         order = [f"flowaug demo: loading MNIST and USPS (from {data})",
                  "flowaug demo: MNIST -> USPS: training the classifier to freeze on MNIST",
                  "training classifier:",  # the training bar
                  "flowaug demo: unlabeled flow:",
-                 "flowaug demo: class-wise flow (labels used):",
+                 "flowaug demo: class-wise flow (USPS labels used: oracle):",
                  "flowaug demo: writing pictures and the report"]
         positions = [err.find(text) for text in order]
         assert -1 not in positions and positions == sorted(positions), err
         assert report["setting"] == "MNIST -> USPS"
+        text = open(tmp_path / "out" / "report.md").read()
+        assert "oracle" in text  # the label-steered number is never shown as a method
 
     def test_silent_without_progress(self, data, tmp_path, capsys):
-        run_demo(data, str(tmp_path / "out"), steps=1, progress=False)
+        run_demo(data, str(tmp_path / "out"), steps=1, progress=False, condensation=False)
         assert capsys.readouterr().err == ""
+
+    def test_condensation_leads_and_compares_at_the_same_size(self, data, tmp_path, capsys):
+        from flowaug.demo import condense_section
+
+        c = condense_section(data, str(tmp_path / "out"), ipc=2, iterations=2, width=4, epochs=2)
+        assert list(c["accuracy"]) == ["random real images", "distribution matching", "flowaug condense (Sinkhorn)"]
+        assert all(0 <= a <= 100 for a in c["accuracy"].values())
+        assert os.path.getsize(c["file"]) > 0
+        err = capsys.readouterr().err
+        assert err.find("flowaug demo: condensation") < err.find("training a ConvNet-3 on 6 images")
 
 
 class TestTrainClassifier:
