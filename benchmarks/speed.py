@@ -22,6 +22,9 @@ Sections (``--sections``; all by default):
             MNIST, 256 x 4096, d in {784, 64}, blur in {0.5, 0.1, "auto"}: the solver before Anderson
             acceleration (Sinkhorn(acceleration="relaxation", scaling=0.5)) vs today's, side by side:
             iterations, cold and warm step times, gradient cosine; resumable (finished cells are skipped).
+  condense  one condensation iteration (MNIST, 10 and 50 images per class, 256 real per class, random ConvNet-3 of
+            width 128 and 32, DSA): distribution matching as published (benchmarks/condense.py) vs flowaug.condense
+            with each objective, interleaved round by round; ratios to DM and what dominates (the networks).
   chunked   one cold MMD and Sinkhorn step (defaults) on random data, d = 64, dense vs chunked vs KeOps side by
             side (N = M = 4096 on CPU; 4096, 16384, 65536 on CUDA), and the chunked backend where dense does not
             fit (N = M = 65,536; one chunked softmin at 60,000 x 60,000, d = 803), each cell in its own process
@@ -58,7 +61,7 @@ from flowaug.objectives import Context  # noqa: E402
 BLUR = 0.5  # the issue's setting for the naive baseline; a sharp blur at MNIST's scale (median distance ~10)
 TAU = 0.5
 SCALINGS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999]  # geomloss's default is 0.5
-SECTIONS = ("step", "defaults", "overhead", "memory", "precompute", "chunked", "coldstart")
+SECTIONS = ("step", "defaults", "overhead", "memory", "precompute", "chunked", "coldstart", "condense")
 SLOW = 10.0  # seconds: a baseline slower than this per step is reported as a lower bound (one run), not repeated
 
 
@@ -318,6 +321,48 @@ def section_defaults(args, results):
                 row = {"objective": name, "backend": backend, "n": 256, "m": m, "d": 784, "ms": 1e3 * t,
                        "runs": 1 if once else args.repeats, "iterations": its[-1] if its else None}
                 emit(args, results, "defaults", rows, row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ section: condense
+def section_condense(args, results):
+    """Seconds per condensation iteration, DM vs flowaug.condense, measured round-robin: each round times a run of
+    1 iteration and a run of 1 + k; the difference over k is the cost of an iteration without the per-run setup
+    (loading the reference, drawing the initial images), which a long run pays once."""
+    import types
+
+    from benchmarks import condense as bench
+
+    x, y = load_dataset("mnist", "train", data_dir=args.data)
+    x = ((x.float() / 255) - 0.1307) / 0.3081
+    iters = 2 if args.quick else 5
+    rows = []
+    for width in ((32,) if args.quick else (128, 32)):
+        for ipc in ((10,) if args.quick else (10, 50)):
+            def dm(n, ipc=ipc, width=width):
+                return bench.dm(x, y, ipc, types.SimpleNamespace(iterations=n, real_per_class=256, width=width), 0)
+
+            methods = {"DM (as published)": dm}
+            for name in ("linear", "sinkhorn", "mmd", "mean+mmd"):
+                obj = bench.objective(name) if name != "linear" else flowaug.MMD("linear")
+                methods[f"flowaug {name}"] = (lambda n, o=obj, ipc=ipc, width=width: flowaug.condense(
+                    (x, y), ipc, objective=o, iterations=n, real_per_class=256, step_size=2.0 / ipc, width=width,
+                    checkpoint_every=n, progress=False))
+            times = {m: [] for m in methods}
+            for fn in methods.values():  # warm-up
+                fn(1)
+            for _ in range(args.repeats):  # interleaved: every method sees the same machine load
+                for m, fn in methods.items():
+                    t0 = time.perf_counter()
+                    fn(1)
+                    t1 = time.perf_counter()
+                    fn(1 + iters)
+                    times[m].append(((time.perf_counter() - t1) - (t1 - t0)) / iters)
+            dm_time = statistics.median(times["DM (as published)"])
+            for m, ts in times.items():
+                row = {"width": width, "ipc": ipc, "method": m, "s_per_iteration": statistics.median(ts),
+                       "ratio_to_dm": statistics.median(ts) / dm_time, "runs": len(ts)}
+                emit(args, results, "condense", rows, row)
     return rows
 
 
@@ -710,6 +755,11 @@ def report(results: dict) -> str:
     if results.get("coldstart"):
         out += ["### Sinkhorn cold start: before (over-relaxation, scaling 0.5) vs Anderson (N = 256, M = 4096)", "",
                 coldstart_table(results["coldstart"]), ""]
+    if results.get("condense"):
+        out += ["### One condensation iteration (MNIST, 256 real images per class, DSA; median seconds)", "",
+                markdown_table(["width", "IPC", "method", "s / iteration", "x DM", "runs"],
+                               [[r["width"], r["ipc"], r["method"], f"{r['s_per_iteration']:.3f}",
+                                 f"{r['ratio_to_dm']:.2f}", r["runs"]] for r in results["condense"]]), ""]
     if results.get("precompute"):
         r = results["precompute"]
         out += ["### Whole-dataset precompute", "", f"{r['points']} points toward {r['reference']}, {r['steps']} "
@@ -775,6 +825,8 @@ def main(argv=None):
         section_chunked(args, results)
     if "coldstart" in args.sections:
         section_coldstart(args, results)
+    if "condense" in args.sections:
+        section_condense(args, results)
     results["seconds"] = time.time() - t0
     write_json(args.out, results)
     print(report(results))

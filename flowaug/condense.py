@@ -221,7 +221,7 @@ def condense(data, images_per_class: int, *, objective: str | Objective = "sinkh
     info = {"images_per_class": ipc, "objective": repr(inner), "embedding": repr(embedding), "iterations": iterations,
             "real_per_class": real_per_class, "step_size": step_size, "momentum": momentum, "init": init,
             "seed": seed, "checkpoint_every": checkpoint_every}
-    key = fingerprint([sorted(info.items()), x.shape, float(x.double().sum()), y])
+    key = fingerprint([sorted(info.items()), x.shape, float(torch.sum(x, dtype=torch.float64)), y])
     done, seconds = _resume(checkpoint, key, syn)
     if done:
         syn = done["images"]
