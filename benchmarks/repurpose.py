@@ -142,33 +142,28 @@ def frame_check(model, data_dir, source):
             "frozen-model accuracy raw": accuracy(model, x, y), "frozen-model accuracy framed": accuracy(model, framed, y)}
 
 
-def feature_objective(model, mx, layer, blur, reach=None, scaling=0.8):
-    """A :class:`flowaug.Custom` objective: the debiased Sinkhorn divergence between the frozen model's
-    ``layer`` features of the moving images and of the MNIST reference images.
-
-    Why not ``flowaug.Sinkhorn``: the library's flows transport points in the space they move in (pixels
-    here), with the ground cost |x - y|^2 between pixels. The cost wanted here is between the frozen
-    network's features, |phi(x) - phi(y)|^2, and its gradient must flow back through phi to the pixels,
-    which only an autograd objective gives. ``Custom`` returns ``N * grad_x fn``, i.e. each image moves by
-    J_phi(x)^T times its Sinkhorn displacement in feature space; ``flowaug.flow`` still does the Euler steps
-    and the clamp. Features are divided by the MNIST features' RMS distance to their mean, so that ``blur``
-    is in units of the feature spread.
+def feature_objective(model, mx, layer, blur):
+    """The debiased Sinkhorn divergence between the frozen model's ``layer`` features of the moving images and
+    of the MNIST reference images: :class:`flowaug.Embedded` with a fixed embedding, whose gradient flows back
+    through the network to the pixels (each image moves by J_phi(x)^T times its Sinkhorn displacement in
+    feature space); ``flowaug.flow`` does the Euler steps and the clamp. Features are divided by the MNIST
+    features' RMS distance to their mean, so that ``blur`` is in units of the feature spread.
     """
-    from geomloss import SamplesLoss
-
     with torch.no_grad():
         ref = torch.cat([features(model, mx[i : i + 1024], layer) for i in range(0, len(mx), 1024)])
         scale = float((ref - ref.mean(0)).square().sum(1).mean().sqrt())
-        ref = ref / scale
-    ot = SamplesLoss("sinkhorn", p=2, blur=blur, reach=reach, scaling=scaling, debias=False, backend="tensorized")
+    return flowaug.Embedded(flowaug.Sinkhorn(blur=blur), FrozenFeatures(model, layer, scale)), scale
 
-    def divergence(x, y):
-        # S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2; the reference term is constant in x, so it is left
-        # out (its 5,000 x 5,000 solve would dominate every step) and the gradient is that of S.
-        f = features(model, x, layer) / scale
-        return ot(f, ref) - 0.5 * ot(f, f)
 
-    return flowaug.Custom(divergence), scale
+class FrozenFeatures(torch.nn.Module):
+    """The frozen model's ``layer`` features divided by ``scale``: the fixed embedding of the feature flow."""
+
+    def __init__(self, model, layer, scale):
+        super().__init__()
+        self.model, self.layer, self.scale = model, layer, scale
+
+    def forward(self, x):
+        return features(self.model, x, self.layer) / self.scale
 
 
 def run_flow(name, x0, score_y, reference, model, args, mode, steps, step_size, objective=None, log=True):
