@@ -91,9 +91,10 @@ def check_finite_tensor(name: str, t: torch.Tensor) -> None:
         if bool(bad.any()):
             n_nan = int(torch.isnan(t).sum())
             n_inf = int(bad.sum()) - n_nan
+            first = int(bad.reshape(t.shape[0], -1).any(1).nonzero()[0]) if t.ndim >= 1 and t.shape[0] else 0
             raise ValueError(
                 f"{name} must be finite, got {n_nan} NaN and {n_inf} Inf values "
-                f"in a tensor of shape {tuple(t.shape)}"
+                f"in a tensor of shape {tuple(t.shape)} (the first in sample {first})"
             )
 
 

@@ -204,6 +204,9 @@ def cmd_flow(args) -> int:
 
     sx, sy = _images(args.source, args.split, args.data, args.limit, args.seed)
     rx, ry = _images(args.reference, args.split, args.data, args.limit, args.seed + 1)
+    if rx.shape[-2:] != sx.shape[-2:]:  # the flow moves the source in its own size: the reference is resized
+        print(f"flowaug flow: resizing the reference ({args.reference}) from {rx.shape[-2]}x{rx.shape[-1]} to "
+              f"{sx.shape[-2]}x{sx.shape[-1]}, the source's size", file=sys.stderr)
     rx = _match_size(rx, sx)
     out = flow(sx, sy, (rx, ry), objective=args.objective, steps=args.steps, step_size=args.step_size,
                labels=args.labels, class_map=args.class_map, backend=args.backend, clamp=(0.0, 1.0),

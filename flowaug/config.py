@@ -71,6 +71,11 @@ class FlowConfig:
     (K,) integer tensor (stored as a tuple of ints, so that configs compare and hash by value) and
     ``snapshots`` a list of steps, a count of evenly spaced steps or ``"all"`` (kept as given; parsed by
     :meth:`snapshot_steps`, the one rule every caller uses).
+
+    A config remembers which options it was given (:attr:`given`); an adapter fills the others with its own
+    defaults. Use :meth:`replace` for variants (``dataclasses.replace`` would mark every option as given).
+    Equality, hashing and :meth:`fingerprint` compare the options' values only: ``FlowConfig()`` equals
+    ``FlowConfig(steps=10)``, though an adapter gives the first its own ``steps``.
     """
 
     objective: Objective | str = "sinkhorn"

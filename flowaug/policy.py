@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import warn_user
 from .config import FlowConfig
 
 __all__ = ["KINDS", "LabelPlan", "label_plan", "pair_classes_by_name"]
@@ -108,7 +109,14 @@ def pair_classes_by_name(config: FlowConfig, source_classes, reference_classes) 
     Returns the config unchanged for any other class map or when a side has no names (then indices are
     paired, as documented). Raises ValueError when a source name has no match in the reference.
     """
-    if config.class_map != "same" or source_classes is None or reference_classes is None:
+    if config.class_map != "same":
+        return config
+    if (source_classes is None) != (reference_classes is None):
+        named = "the reference" if source_classes is None else "the source"
+        warn_user(f"class_map='same' pairs classes by index: only {named} names its classes; give the other side's "
+                  "names (FlowTransform(..., classes=...), Reference(..., classes=...), a Dataset's .classes) to "
+                  "pair them by name", kind="class-names")
+    if source_classes is None or reference_classes is None:
         return config
     source, target = [str(c) for c in source_classes], [str(c) for c in reference_classes]
     if source == target[: len(source)]:

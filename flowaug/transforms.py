@@ -231,6 +231,9 @@ class FlowTransform(Transform):
         params = self.make_params(flat_inputs)
         strength = self.strength
         if not params["apply"] or strength == 0 or self.config.steps == 0:
+            if self.soft and labels is not None and labels.ndim == 1:  # soft labels have one shape, flowed or not
+                soft = self._one_hot(labels)
+                return tree_unflatten([soft if t is labels else t for t in flat_inputs], spec)
             return inputs  # the identity, bitwise: the very same objects
         images = flat_inputs[image_pos]
         params.update(self._flow(images, labels, params, strength))
@@ -250,19 +253,20 @@ class FlowTransform(Transform):
         return params["labels"] if inpt is params["labels_in"] else params["images"]
 
     def _apply(self, fn, recurse=True):
-        """``t.to(device)``, ``t.to(torch.float64)``, ``t.cuda()``, ``t.double()``: the reference moves too, and a
-        dtype becomes the flow's computation dtype. An unusable device fails here, at once, changing nothing
-        (not at the first batch)."""
+        """``t.to(device)``, ``t.to(torch.float64)``, ``t.cuda()``, ``t.double()``, ``t.float()``: the reference moves
+        too, and a float32/float64 dtype becomes the flow's computation dtype. Half dtypes (``bf16-true``,
+        ``16-true`` in Lightning) leave the flow in float32 (its Sinkhorn and kernel sums need the range; the
+        output still takes the caller's dtype). An unusable device fails here, at once, changing nothing."""
         ref = self.reference
         try:
-            probe = fn(torch.zeros((), dtype=ref.features.dtype, device=ref.device))
+            probe = fn(torch.zeros((), dtype=self.config.dtype, device=ref.device))
         except (RuntimeError, AssertionError) as err:
             raise RuntimeError(f"FlowTransform cannot move to that device: {str(err).splitlines()[0]}") from err
-        dtype = probe.dtype if probe.dtype != ref.features.dtype else None
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"FlowTransform computes in torch.float32 or torch.float64, got dtype {dtype}")
+        if probe.device.type == "meta":
+            raise RuntimeError("FlowTransform cannot live on the meta device: its reference holds real data")
+        dtype = probe.dtype if probe.dtype in (torch.float32, torch.float64) else None  # half: keep computing as is
         reference = ref.to(device=probe.device, dtype=dtype)
-        config = self.config if dtype is None else self.config.replace(dtype=dtype)
+        config = self.config if dtype in (None, self.config.dtype) else self.config.replace(dtype=dtype)
         out = super()._apply(fn, recurse)
         self.reference, self.config, self._warm = reference, config, {}
         return out
@@ -367,6 +371,12 @@ class FlowTransform(Transform):
             else:
                 new_labels = result.labels.to(labels.dtype)
         return {"images": float_to_like(result.x, images), "labels": new_labels, "labels_in": labels}
+
+    def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """Unflowed class ids as the (B, K') soft labels a flowed batch gets (``soft=True``, as MixUp always
+        returns (B, K)): the flow was the identity, so each point keeps its class."""
+        width = max(self.reference.num_classes, int(labels.max()) + 1 if labels.numel() else 0)
+        return torch.nn.functional.one_hot(labels.long(), width).to(torch.float32)
 
     def _warm_usable(self, index) -> bool:
         """Solver potentials carry from batch to batch only when the reference points stay the same (the

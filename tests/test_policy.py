@@ -166,9 +166,8 @@ class TestRefusedInputs:
         assert t.reference.features.dtype == torch.float64 and t.config.dtype == torch.float64
         x, y = tiny_images(6, seed=4)
         assert t(x.double(), y)[0].dtype == torch.float64
-        with pytest.raises(ValueError, match="float32 or torch.float64"):
-            t.half()
-        assert t.config.dtype == torch.float64  # the failed call changed nothing
+        t.half()  # half precision: the flow keeps computing as it did (see TestReviewFindings)
+        assert t.config.dtype == torch.float64
 
     def test_torch_compile_graph_breaks_around_the_flow(self):
         """Was: Dynamo traced into the solver (82 graphs, 228 frames, recompilation limits hit); now the flow is
@@ -256,3 +255,53 @@ def test_messages_name_the_argument():
     with pytest.raises(ValueError) as err:
         FlowTransform(rx, labels="flow")
     assert re.search(r"labels='flow'.*use labels='fixed'", str(err.value))
+
+
+class TestReviewFindings:
+    """Found by an independent review of the issue-20 changes."""
+
+    def test_half_precision_modules_keep_the_flow_in_float32(self):
+        """Was: Lightning's bf16-true / 16-true (module.to(bfloat16)) raised inside the cast, leaving the module
+        half converted."""
+        model = torch.nn.Module()
+        model.lin = torch.nn.Linear(3, 2)
+        model.aug = FlowTransform(labeled_ref(), steps=1)
+        model.to(torch.bfloat16)
+        assert model.lin.weight.dtype == torch.bfloat16
+        assert model.aug.config.dtype == torch.float32 and model.aug.reference.features.dtype == torch.float32
+        x, y = tiny_images(6, seed=4)
+        assert model.aug(x.bfloat16(), y)[0].dtype == torch.bfloat16
+
+    def test_float_after_double_switches_back(self):
+        t = FlowTransform(labeled_ref(), steps=1, dtype=torch.float64)
+        t.float()
+        assert t.config.dtype == torch.float32
+        with pytest.raises(RuntimeError, match="meta device"):
+            t.to("meta")
+
+    def test_soft_labels_have_one_shape_flowed_or_not(self):
+        """Was: (B,) ids when a batch was skipped (p, strength 0), (B, K') when flowed."""
+        rx, ry = labeled_ref()
+        x, y = tiny_images(16, seed=2)
+        t = FlowTransform((rx, ry), labels="flow", soft=True, steps=1, p=0.5, seed=0)
+        shapes = {tuple(t(x, y)[1].shape) for _ in range(8)}
+        assert shapes == {(16, 3)}
+        t.strength = 0.0
+        skipped = t(x, y)[1]
+        assert torch.equal(skipped.argmax(1), y) and torch.allclose(skipped.sum(1), torch.ones(16))
+
+    def test_one_named_side_says_indices_are_paired(self):
+        rx, ry = labeled_ref()
+        ref = Reference(rx, ry, classes=["zero", "one", "two"])
+        with pytest.warns(RuntimeWarning, match="pairs classes by index: only the reference names"):
+            FlowTransform(ref, class_map="same")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            FlowTransform(ref, class_map="same", classes=["zero", "one", "two"])
+
+    def test_a_nan_in_a_batch_names_the_sample(self):
+        x, y = tiny_images(8, seed=2)
+        x = x.clone()
+        x[3, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="the first in sample 3"):
+            FlowTransform(labeled_ref(), steps=1)(x, y)
