@@ -150,12 +150,12 @@ def _parser() -> argparse.ArgumentParser:
                             "Resumable: rerun the same command after an interruption.")
     c.add_argument("dataset", help="dataset to condense, e.g. mnist")
     c.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    c.add_argument("--objective", default="sinkhorn", choices=["sinkhorn", "mmd", "linear"],
-                   help="in the embedding: whole class distributions (sinkhorn, mmd) or class means (linear: "
-                        "distribution matching)")
+    c.add_argument("--objective", default="mean+mmd", choices=["mean+mmd", "sinkhorn", "mmd", "linear"],
+                   help="in the embedding: class means and distributions (mean+mmd, chosen on validation), whole "
+                        "class distributions (sinkhorn, mmd) or class means (linear: distribution matching)")
     c.add_argument("--iterations", type=int, default=1000, help="flow steps")
-    c.add_argument("--step-size", type=float, default=0.2, help="step size tau (distribution matching with lr 1: "
-                                                                 "2 / ipc)")
+    c.add_argument("--step-size", type=float, default=None,
+                   help="step size tau (default 4 / ipc: twice distribution matching's per-image step at lr 1)")
     c.add_argument("--real-per-class", type=int, default=256, help="real images embedded per class and step")
     c.add_argument("--width", type=int, default=128, help="width of the random ConvNet-3")
     c.add_argument("--seed", type=int, default=0, help="seeds the initial images, networks and augmentations")
@@ -341,8 +341,8 @@ def main(argv=None) -> int:
         if value is not None and value < low:
             want = {0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
             sub.error(f"argument --{name.replace('_', '-')}: expected {want}, got {value}")
-    step_size = getattr(args, "step_size", 1.0)
-    if not (math.isfinite(step_size) and step_size > 0):
+    step_size = getattr(args, "step_size", None)
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
         sub.error(f"argument --step-size: expected a finite number > 0, got {step_size}")
     label_weight = getattr(args, "label_weight", 0.0)
     if not (math.isfinite(label_weight) and label_weight >= 0):
