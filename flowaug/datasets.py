@@ -9,7 +9,8 @@ Two modes:
   picks the flow time: features are interpolated between the two bracketing snapshots.
 * ``"online"``: items are read live (the wrapped dataset's random transforms still apply) and every
   batch is flowed when the DataLoader fetches it (``__getitems__``), through a
-  :class:`~flowaug.FlowTransform` with the same settings. Access one item at a time (``ds[i]``, a
+  :class:`~flowaug.FlowTransform` with the same settings (batches of 2 or more: give the DataLoader
+  ``drop_last=True`` when the dataset's size leaves a last batch of one). Access one item at a time (``ds[i]``, a
   ``ConcatDataset``, a DataLoader with ``batch_size=None``) is refused with an error naming the fixes
   (unless ``strength`` is 0): a single point flowed alone is a one-point measure whose flow lands on the
   reference's mean, and serving the item unflowed would be silently wrong. For

@@ -399,7 +399,8 @@ class FlowTransform(Transform):
 class FlowCollate:
     """A DataLoader ``collate_fn`` that collates with ``default_collate`` (or ``collate``) and then applies a
     :class:`FlowTransform` to the batch, inside the worker. Picklable (unlike a lambda), so it works with
-    every multiprocessing start method.
+    every multiprocessing start method. A batch of one is refused (see :class:`FlowTransform`): use
+    ``drop_last=True`` when the dataset's size leaves a last batch of one.
 
     Example:
         >>> import torch
