@@ -375,7 +375,8 @@ class FlowTransform(Transform):
     def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """Unflowed class ids as the (B, K') soft labels a flowed batch gets (``soft=True``, as MixUp always
         returns (B, K)): the flow was the identity, so each point keeps its class."""
-        width = max(self.reference.num_classes, int(labels.max()) + 1 if labels.numel() else 0)
+        ref_width = int(self.reference.labels.max()) + 1 if self.reference.labels is not None else 0
+        width = max(ref_width, int(labels.max()) + 1 if labels.numel() else 0)  # the flowed soft labels' width
         return torch.nn.functional.one_hot(labels.long(), width).to(torch.float32)
 
     def _warm_usable(self, index) -> bool:

@@ -73,8 +73,9 @@ def test_flow_transform_structure_dtype_and_purity(problem, dtype, container, st
     assert ox.shape == x.shape and ox.dtype == x.dtype
     if not ox.dtype == torch.uint8:
         assert torch.isfinite(ox.float()).all()
-    if strength == 0:
-        assert ox is x and oy is y
+    if strength == 0:  # the identity; soft labels keep their (B, K') shape, one-hot of the batch's classes
+        assert ox is x and (torch.equal(oy.argmax(1), y) and oy.shape == (len(x), int(ry.max()) + 1) if soft
+                            else oy is y)
     else:
         assert oy.shape == ((len(x), int(ry.max()) + 1) if soft else y.shape)
     assert all(torch.equal(a, bits(b)) for a, b in zip(before, (x, y)))
