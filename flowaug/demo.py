@@ -36,7 +36,7 @@ from .plotting import image_grid, objective_curve
 __all__ = ["MLP", "LeNet5", "accuracy", "condense_section", "run_demo", "shift_digits", "train_classifier"]
 
 #: the label-steered flow is scored against the labels that steer it: an upper bound, not a method
-ORACLE = "class-wise flow (USPS labels used: oracle)"
+ORACLE = "class-wise flow (true labels used: oracle)"
 
 
 class LeNet5(nn.Module):

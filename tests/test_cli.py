@@ -276,7 +276,7 @@ class TestRunDemo:
                  "flowaug demo: MNIST -> USPS: training the classifier to freeze on MNIST",
                  "training classifier:",  # the training bar
                  "flowaug demo: unlabeled flow:",
-                 "flowaug demo: class-wise flow (USPS labels used: oracle):",
+                 "flowaug demo: class-wise flow (true labels used: oracle):",
                  "flowaug demo: writing pictures and the report"]
         positions = [err.find(text) for text in order]
         assert -1 not in positions and positions == sorted(positions), err
