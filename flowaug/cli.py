@@ -36,26 +36,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _threads_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
+def _positive(text: str, expected: str) -> int:
+    """``text`` as an integer >= 1, else argparse's error saying what was ``expected``."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _threads_arg(text: str) -> int | str:
+    return text if text == "auto" else _positive(text, "a positive integer or 'auto'")
 
 
 def _size_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected one or two positive integers (N or H W), got {text!r}")
-    return value
+    return _positive(text, "one or two positive integers (N or H W)")
 
 
 class _LimitAction(argparse.Action):
