@@ -27,6 +27,11 @@ THREADS_HELP = ("torch CPU threads, set before any work and printed; auto: $OMP_
                 "(README: Small machines)")
 
 
+CONDENSE_HELP = ("Condense DATASET (a name under --data, a folder with train.npz, or a torchvision name) into --ipc "
+                 "images per class by a class-wise flow in fresh random ConvNet embeddings (flowaug.condense); writes "
+                 "OUT/condensed.npz and OUT/condensed.png. Resumable: rerun the same command after an interruption.")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every option's default, except where there is none (``None``: the help says what happens)."""
 
@@ -140,23 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the flow's randomness")
     f.add_argument("--out", metavar="DIR", default="flowaug_outputs/flow", help="output folder")
 
-    c = command("condense", help="synthesize a few images per class that train like the dataset (npz + picture)",
-                description="Condense DATASET (a name under --data, a folder with train.npz, or a torchvision "
-                            "name) into --ipc images per class by a class-wise flow in fresh random ConvNet "
-                            "embeddings (flowaug.condense); writes OUT/condensed.npz and OUT/condensed.png. "
-                            "Resumable: rerun the same command after an interruption.")
-    c.add_argument("dataset", help="dataset to condense, e.g. mnist")
-    c.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    c.add_argument("--objective", default="mean+mmd", choices=["mean+mmd", "sinkhorn", "mmd", "linear"],
-                   help="in the embedding: class means and distributions (mean+mmd, chosen on validation), whole "
-                        "class distributions (sinkhorn, mmd) or class means (linear: distribution matching)")
-    c.add_argument("--iterations", type=int, default=1000, help="flow steps")
-    c.add_argument("--step-size", type=float, default=None,
-                   help="step size tau (default 4 / ipc: twice distribution matching's per-image step at lr 1)")
-    c.add_argument("--real-per-class", type=int, default=256, help="real images embedded per class and step")
-    c.add_argument("--width", type=int, default=128, help="width of the random ConvNet-3")
-    c.add_argument("--seed", type=int, default=0, help="seeds the initial images, networks and augmentations")
-    c.add_argument("--out", metavar="DIR", default="flowaug_outputs/condense", help="output folder")
+    _condense_arguments(command("condense", help="synthesize a few images per class that train like the dataset "
+                                                 "(npz + picture)", description=CONDENSE_HELP))
 
     t = command("distance", help="OTDD between two labeled datasets (symmetric: the order does not matter)",
                 description="Optimal transport dataset distance (debiased Sinkhorn divergence in the "
@@ -177,6 +167,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--covariance", default="diag", choices=["diag", "full"],
                    help="class Gaussians with diagonal or full covariances (Bures term)")
     return p
+
+
+
+def _condense_arguments(c: argparse.ArgumentParser) -> None:
+    """The options of ``flowaug condense`` (flowaug.condense's, with its defaults)."""
+    c.add_argument("dataset", help="dataset to condense, e.g. mnist")
+    c.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    c.add_argument("--objective", default="mean+mmd", choices=["mean+mmd", "sinkhorn", "mmd", "linear"],
+                   help="in the embedding: class means and distributions (mean+mmd, chosen on validation), whole "
+                        "class distributions (sinkhorn, mmd) or class means (linear: distribution matching)")
+    c.add_argument("--iterations", type=int, default=1000, help="flow steps")
+    c.add_argument("--step-size", type=float, default=None,
+                   help="step size tau (default 4 / ipc: twice distribution matching's per-image step at lr 1)")
+    c.add_argument("--real-per-class", type=int, default=256, help="real images embedded per class and step")
+    c.add_argument("--width", type=int, default=128, help="width of the random ConvNet-3")
+    c.add_argument("--seed", type=int, default=0, help="seeds the initial images, networks and augmentations")
+    c.add_argument("--out", metavar="DIR", default="flowaug_outputs/condense", help="output folder")
 
 
 def _images(name, split, data, limit, seed):
