@@ -1,4 +1,5 @@
-"""Command line: ``flowaug demo``, ``flowaug flow``, ``flowaug condense``, ``flowaug distance`` (also ``python -m flowaug``)."""
+"""Command line: ``flowaug demo``, ``flowaug flow``, ``flowaug condense``, ``flowaug distance`` (also
+``python -m flowaug``)."""
 
 from __future__ import annotations
 
