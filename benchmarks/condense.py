@@ -24,7 +24,7 @@ instead of 1,000. ``--published`` sets the anchors' settings (for a GPU).
 
     python benchmarks/condense.py --dataset mnist --ipc 1 10 50 --jobs 2 --data ../shared/data \\
         --out benchmarks/results/condense_mnist.json
-    python benchmarks/condense.py --dataset usps --ipc 1 10 50 --jobs 2 --data ../shared/data \\
+    python benchmarks/condense.py --dataset usps --ipc 1 10 50 --jobs 1 --data ../shared/data \\
         --recipes-from benchmarks/results/condense_mnist.json --out benchmarks/results/condense_usps.json
 
 Every finished unit is appended to ``<out>.cells.jsonl`` at once (a rerun skips what it holds); synthetic sets are
@@ -55,6 +55,9 @@ from flowaug.networks import ConvNet  # noqa: E402
 from flowaug.objectives import MMD, Sinkhorn  # noqa: E402
 
 BASELINES = ("random real", "k-means", "DM")
+#: --control-lr2: DM at twice the published lr, the step the chosen recipes use at IPC 1 and 10 (a control for
+#: "is the gain the objective or the step?"; DM's lr was not searched otherwise)
+CONTROL = "DM, lr 2"
 #: flowaug candidates: name -> (objective factory, step size as a multiple of DM's per-image step 2 lr / IPC)
 CANDIDATES = {
     f"flowaug: {name}, step x{m:g}": (name, m)
@@ -89,12 +92,12 @@ def load(args):
 
 
 # ---------------------------------------------------------------------- condensation methods
-def dm(x, y, ipc, args, seed):
+def dm(x, y, ipc, args, seed, lr: float = 1.0):
     """Distribution matching as published: a fresh random ConvNet per iteration, mean embeddings per class after
     one Siamese DSA draw per class, SGD on the images (lr 1, momentum 0.5), from the same real images."""
     syn, labels = _initial(x, y, ipc, "real", seed)
     syn = syn.clone().requires_grad_(True)
-    opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
+    opt = torch.optim.SGD([syn], lr=lr, momentum=0.5)
     aug = SiameseAugment(DSA_DIGITS)
     g = torch.Generator().manual_seed(mix_seed(seed, "dm") % 2**63)
     by_class = [torch.nonzero(y == c).flatten() for c in range(int(y.max()) + 1)]
@@ -155,11 +158,11 @@ def synthesize(args, method, ipc, seed, train):
         sx, sy = _initial(x, y, ipc, "real", seed)
     elif method == "k-means":
         sx, sy = kmeans(x, y, ipc, args, seed)
-    elif method == "DM":
-        sx, sy = dm(x, y, ipc, args, seed)
+    elif method in ("DM", CONTROL):
+        sx, sy = dm(x, y, ipc, args, seed, lr=2.0 if method == CONTROL else 1.0)
     else:
         sx, sy = flow_method(method, x, y, ipc, args, seed)
-    iters = args.iterations if method in ("DM",) or method in CANDIDATES else 0
+    iters = args.iterations if method in ("DM", CONTROL) or method in CANDIDATES else 0
     per_it = (time.perf_counter() - t0) / iters if iters else 0.0
     with atomic_path(path, ".pt") as tmp:
         torch.save({"x": sx, "y": sy, "seconds_per_iteration": per_it}, tmp)
@@ -204,7 +207,7 @@ def plan(args, records, recipe: dict) -> list[tuple]:
         stage_methods = [("select", m, [0], [0]) for m in ([*CANDIDATES, "DM"] if ipc not in recipe else [])]
         if ipc in recipe:
             stage_methods += [("final", m, range(args.cond_seeds), range(args.eval_seeds))
-                              for m in (*BASELINES, recipe[ipc])]
+                              for m in (*BASELINES, recipe[ipc], *([CONTROL] if ipc in args.control_lr2 else []))]
         for stage, m, conds, evals in stage_methods:
             for c in conds:
                 todo = [e for e in evals if (stage, m, ipc, c, e) not in done]
@@ -238,16 +241,18 @@ def summarize(records, ipcs, recipe: dict, args) -> list[dict]:
             if r["stage"] == "final" and r["ipc"] == ipc:
                 runs.setdefault(r["method"], {}).setdefault((r["cond_seed"], r["eval_seed"]), r)
         keyed = {m: {k: r["accuracy"] for k, r in rs.items()} for m, rs in runs.items()}
-        for m in [b for b in BASELINES if b in runs] + [m for m in runs if m not in BASELINES]:
+        base = (*BASELINES, CONTROL)
+        for m in [b for b in base if b in runs] + [m for m in runs if m not in base]:
             acc = [keyed[m][k] for k in sorted(keyed[m])]
-            rec = {"method": m, "kind": "baseline" if m in BASELINES else "flowaug", "ipc": ipc,
+            rec = {"method": m, "kind": "baseline" if m in base else "flowaug", "ipc": ipc,
                    "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else None,
                    "runs": [{"cond_seed": k[0], "eval_seed": k[1], "accuracy": keyed[m][k]} for k in sorted(keyed[m])],
-                   "iterations": args.iterations if m == "DM" or m in CANDIDATES else 0,
+                   "iterations": args.iterations if m in ("DM", CONTROL) or m in CANDIDATES else 0,
                    "seconds_per_iteration": statistics.mean(r["seconds_per_iteration"] for r in runs[m].values())}
-            if m not in BASELINES:
+            if m not in base:
                 rec["recipe"] = m == recipe.get(ipc)
-                for ref, key in (("DM", "vs_dm"), ("random real", "vs_random")):
+                for ref, key in (("DM", "vs_dm"), ("random real", "vs_random"), ("k-means", "vs_kmeans"),
+                                 (CONTROL, "vs_dm_lr2")):
                     if ref in keyed:
                         rec[key] = paired(keyed[m], keyed[ref])
             out.append(rec)
@@ -300,7 +305,13 @@ def report(args, recipe_table) -> dict:
     records = read_cells(args.partial)
     table, recipe = recipe_table
     results = summarize(records, args.ipc, recipe, args)
-    text = tables(results, args.ipc, table)
+    seeds = {str(ipc): sorted({r["cond_seed"] for r in records if r["stage"] == "final" and r["ipc"] == ipc})
+             for ipc in args.ipc}
+    extra = [ipc for ipc, s in seeds.items() if len(s) > min(len(v) for v in seeds.values())]
+    disclosure = (f"IPC {', '.join(extra)}: more condensation seeds than the other IPC; the extra seeds (and any "
+                  f"'{CONTROL}' control) were run later, after the earlier results had been seen; every run is "
+                  "reported") if extra else ""
+    text = tables(results, args.ipc, table) + (f"\n\n{disclosure}" if disclosure else "")
     print(text)
     payload = {
         "dataset": args.dataset, "ipc": args.ipc, "iterations": args.iterations,
@@ -315,6 +326,7 @@ def report(args, recipe_table) -> dict:
                       "validation_accuracy": {str(k): v for k, v in table.items()},
                       "recipes_from": args.recipes_from, "rule": "highest validation accuracy, cond seed 0, eval seed 0"},
         "recipe": {str(k): v for k, v in recipe.items()},
+        "condensation_seeds": seeds, "disclosure": disclosure,
         "results": results, "machine": machine(), "args": {k: v for k, v in vars(args).items()},
     }
     write_json(args.out, payload)
@@ -339,6 +351,8 @@ def parse(argv=None):
     p.add_argument("--cache", default="benchmarks/out/condense")
     p.add_argument("--quick", action="store_true", help="a smoke run: half of train, 10 iterations, 10 epochs")
     p.add_argument("--report", action="store_true", help="rebuild the JSON, tables and picture from the cells")
+    p.add_argument("--control-lr2", type=int, nargs="*", default=[], metavar="IPC",
+                   help="also run DM at lr 2 (the recipes' step) at these IPC, a control")
     p.add_argument("--published", action="store_true", help="the anchors' settings (GPU): width 128, 20,000 "
                    "iterations, 256 real images per class, 1,000 evaluation epochs")
     args = p.parse_args(argv)
@@ -353,8 +367,9 @@ def parse(argv=None):
     args.setting = f"w{args.width}-it{args.iterations}-r{args.real_per_class}-e{args.eval_epochs}" + \
         ("-quick" if args.quick else "")
     args.partial = args.out[: -len(".json")] + ".cells.jsonl"
-    x, _ = load_dataset(args.dataset, "train", data_dir=args.data)
+    x, y = load_dataset(args.dataset, "train", data_dir=args.data)
     args.mean, args.std = float(x.float().div(255).mean()), float(x.float().div(255).std())
+    args.val_per_class = min(args.val_per_class, int(torch.bincount(y).min()) // 3)  # as load() holds out
     return args
 
 
