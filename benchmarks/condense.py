@@ -145,10 +145,15 @@ def flow_method(name, x, y, ipc, args, seed):
     return syn.images, syn.labels
 
 
+def cache_path(args, method: str, ipc: int, seed: int) -> str:
+    """Where the synthetic set of (method, IPC, condensation seed) is cached, in this protocol's setting."""
+    name = f"{args.dataset}-{args.setting}-ipc{ipc}-seed{seed}-{method}.pt"
+    return os.path.join(args.cache, name.replace(" ", "_").replace(":", "").replace(",", "").replace("+", "p"))
+
+
 def synthesize(args, method, ipc, seed, train):
     """The synthetic set of (method, IPC, seed), cached on disk (atomically), and the seconds per iteration."""
-    path = os.path.join(args.cache, f"{args.dataset}-{args.setting}-ipc{ipc}-seed{seed}-{method}.pt".replace(" ", "_")
-                        .replace(":", "").replace(",", "").replace("+", "p"))
+    path = cache_path(args, method, ipc, seed)
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
         return saved["x"], saved["y"], saved["seconds_per_iteration"]
@@ -289,8 +294,7 @@ def picture(args, recipe, path):
     ipc = sorted(args.ipc)[len(args.ipc) // 2]
     rows, names = [], []
     for m in (*BASELINES, recipe.get(ipc)):
-        f = os.path.join(args.cache, f"{args.dataset}-{args.setting}-ipc{ipc}-seed0-{m}.pt".replace(" ", "_")
-                         .replace(":", "").replace(",", "").replace("+", "p")) if m else None
+        f = cache_path(args, m, ipc, 0) if m else None
         if f and os.path.exists(f):
             saved = torch.load(f, weights_only=True)
             first = torch.stack([saved["x"][saved["y"] == c][0] for c in range(int(saved["y"].max()) + 1)])

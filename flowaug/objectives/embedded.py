@@ -149,12 +149,9 @@ class Embedded(Objective):
             x = z[:, :d].detach().reshape(n, *ctx.feature_shape).requires_grad_(True)
             u = self._apply(phi, x)  # (N, E)
             e = u.shape[1]
-            if u_ref.shape[1] - (z.shape[1] - d) != e:
-                raise ValueError(f"phi embeds the batch in {e} dimensions but the reference in "
-                                 f"{u_ref.shape[1] - (z.shape[1] - d)}")
-            inner = Context(z_ref=u_ref, ref_half=(u_ref * u_ref).sum(1).mul_(0.5), backend=ctx.backend,
-                            feature_dim=e, feature_shape=(e,), labels=ctx.labels, cache=cache,
-                            workspace=ctx.workspace, generator=ctx.generator)
+            inner = self._inner_context(ctx, u_ref, cache)
+            if inner.feature_dim != e:
+                raise ValueError(f"phi embeds the batch in {e} dimensions but the reference in {inner.feature_dim}")
             carried = state if self.factory is None and index is None else None
             ev = self.objective.evaluate(torch.cat([u.detach(), z[:, d:]], 1), inner, carried)
             (gx,) = torch.autograd.grad(u, x, grad_outputs=ev.grad[:, :e].to(u.dtype))
@@ -167,10 +164,16 @@ class Embedded(Objective):
         if self.factory is not None or self.reference_size is not None:
             return 0.0
         u_ref, cache = self._reference(self.phi, None, ctx)
-        inner = Context(z_ref=u_ref, ref_half=(u_ref * u_ref).sum(1).mul_(0.5), backend=ctx.backend,
-                        feature_dim=u_ref.shape[1] - (ctx.z_ref.shape[1] - ctx.feature_dim),
-                        feature_shape=(u_ref.shape[1],), cache=cache, workspace=ctx.workspace)
-        return self.objective.constant(inner)
+        return self.objective.constant(self._inner_context(ctx, u_ref, cache))
+
+    @staticmethod
+    def _inner_context(ctx: Context, u_ref: torch.Tensor, cache: dict) -> Context:
+        """The embedded problem's context: the embedded reference ``u_ref`` (M', E + r), whose last r coordinates
+        are the label part passed through, with the outer flow's backend, labels, workspace and generator."""
+        e = u_ref.shape[1] - (ctx.z_ref.shape[1] - ctx.feature_dim)
+        return Context(z_ref=u_ref, ref_half=(u_ref * u_ref).sum(1).mul_(0.5), backend=ctx.backend,
+                       feature_dim=e, feature_shape=(e,), labels=ctx.labels, cache=cache,
+                       workspace=ctx.workspace, generator=ctx.generator)
 
     def extra_repr(self) -> str:
         what = f"phi={type(self.phi).__name__}" if self.factory is None else \
