@@ -47,7 +47,7 @@ from .flow import run
 from .labels import ClassStats
 from .policy import label_plan, pair_classes_by_name
 from .reference import Reference, ReferenceLike
-from .transforms import FlowTransform, batch_to_float, check_soft, float_to_like
+from .transforms import FlowTransform, batch_to_float, check_soft, float_to_like, soft_identity
 
 __all__ = ["FlowDataset", "MODES"]
 
@@ -386,6 +386,10 @@ class FlowDataset(torch.utils.data.Dataset):
         """Online mode: read the items, flow them as one batch, give each back in its own form."""
         parts = [self._format.split(self.dataset[i], i) for i in indices]
         if self.strength == 0:  # the identity, item by item (also one item alone: nothing is flowed)
+            if self.soft:  # the same (K',) soft labels the transform gives an unflowed batch
+                return [self._finish(template, inp, soft_identity(_label_of(label, i, "dataset")[None],
+                                                                  self.reference)[0])
+                        for (inp, label, template), i in zip(parts, indices)]
             return [self._finish(template, inp, label) for inp, label, template in parts]
         x = torch.stack([_finite_input(to_tensor(p[0]), i, "dataset") for p, i in zip(parts, indices)])
         y = torch.stack([_label_of(p[1], i, "dataset") for p, i in zip(parts, indices)])

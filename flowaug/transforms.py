@@ -29,7 +29,7 @@ from .labels import ClassStats
 from .policy import label_plan, pair_classes_by_name
 from .reference import Reference, ReferenceLike
 
-__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "float_to_like", "check_soft"]
+__all__ = ["FlowCollate", "FlowTransform", "batch_to_float", "check_soft", "float_to_like", "soft_identity"]
 
 RESAMPLE = ("batch", "epoch")
 #: inputs FlowTransform refuses, as MixUp/CutMix do: moving pixels would leave them misaligned
@@ -65,6 +65,15 @@ def _default_labels(inputs):
 #: FlowConfig defaults of a FlowTransform where they differ from :func:`flowaug.flow`'s (a few cheap steps per
 #: batch, clamped to the reference's range, no per-batch objective bookkeeping)
 TRANSFORM_DEFAULTS = {"steps": 5, "clamp": "auto", "track_objective": False}
+
+
+def soft_identity(labels: torch.Tensor, reference: Reference) -> torch.Tensor:
+    """Unflowed class ids (B,) as the (B, K') soft labels a flowed batch gets with ``soft=True`` (as MixUp always
+    returns (B, K)): the flow was the identity, so each point keeps its class. K' is the flowed labels' width,
+    the reference's class count (or the batch's, if larger)."""
+    ref_width = int(reference.labels.max()) + 1 if reference.labels is not None else 0
+    width = max(ref_width, int(labels.max()) + 1 if labels.numel() else 0)
+    return torch.nn.functional.one_hot(labels.long(), width).to(torch.float32)
 
 
 def check_soft(soft, config: FlowConfig) -> bool:
@@ -232,7 +241,7 @@ class FlowTransform(Transform):
         strength = self.strength
         if not params["apply"] or strength == 0 or self.config.steps == 0:
             if self.soft and labels is not None and labels.ndim == 1:  # soft labels have one shape, flowed or not
-                soft = self._one_hot(labels)
+                soft = soft_identity(labels, self.reference)
                 return tree_unflatten([soft if t is labels else t for t in flat_inputs], spec)
             return inputs  # the identity, bitwise: the very same objects
         images = flat_inputs[image_pos]
@@ -371,13 +380,6 @@ class FlowTransform(Transform):
             else:
                 new_labels = result.labels.to(labels.dtype)
         return {"images": float_to_like(result.x, images), "labels": new_labels, "labels_in": labels}
-
-    def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """Unflowed class ids as the (B, K') soft labels a flowed batch gets (``soft=True``, as MixUp always
-        returns (B, K)): the flow was the identity, so each point keeps its class."""
-        ref_width = int(self.reference.labels.max()) + 1 if self.reference.labels is not None else 0
-        width = max(ref_width, int(labels.max()) + 1 if labels.numel() else 0)  # the flowed soft labels' width
-        return torch.nn.functional.one_hot(labels.long(), width).to(torch.float32)
 
     def _warm_usable(self, index) -> bool:
         """Solver potentials carry from batch to batch only when the reference points stay the same (the

@@ -290,6 +290,17 @@ class TestReviewFindings:
         skipped = t(x, y)[1]
         assert torch.equal(skipped.argmax(1), y) and torch.allclose(skipped.sum(1), torch.ones(16))
 
+    def test_online_dataset_soft_labels_have_one_shape_at_strength_zero(self):
+        """An online FlowDataset at strength 0 serves items itself: its soft labels must match the transform's."""
+        rx, ry = labeled_ref()
+        x, y = tiny_images(8, seed=2)
+        fd = FlowDataset(TensorPairs(x, y), (rx, ry), mode="online", labels="flow", soft=True, steps=1)
+        flowed = fd.__getitems__([0, 1])
+        fd.strength = 0.0
+        skipped = fd.__getitems__([0, 1])
+        assert [tuple(t[1].shape) for t in skipped] == [tuple(t[1].shape) for t in flowed] == [(3,), (3,)]
+        assert [int(t[1].argmax()) for t in skipped] == y[:2].tolist() and int(fd[2][1].argmax()) == int(y[2])
+
     def test_one_named_side_says_indices_are_paired(self):
         rx, ry = labeled_ref()
         ref = Reference(rx, ry, classes=["zero", "one", "two"])
