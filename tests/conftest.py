@@ -32,6 +32,26 @@ def tiny_images(n: int, classes: int = 3, seed: int = 0, size: int = 6):
     return x.clamp(0, 1), y
 
 
+def ours_value_and_gradient(objective, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """An objective's value (with its reference constant) and Wasserstein gradient N grad F at ``x`` (N, d)
+    toward the reference ``y`` (M, d), on the dense backend."""
+    from flowaug.objectives import Context
+
+    ctx = Context(z_ref=y, ref_half=(y**2).sum(1) / 2, backend="tensorized", feature_dim=x.shape[1],
+                  feature_shape=(x.shape[1],))
+    ev = objective.evaluate(x, ctx)
+    return float(ev.value) + objective.constant(ctx), ev.grad
+
+
+def autograd_value_and_gradient(loss, x: torch.Tensor, y: torch.Tensor, phi=lambda v: v):
+    """``loss(phi(x), phi(y))`` and N times its autograd gradient with respect to ``x``: the reference for
+    :func:`ours_value_and_gradient` (geomloss's ``SamplesLoss``, or any loss of two point clouds)."""
+    xx = x.clone().requires_grad_(True)
+    value = loss(phi(xx), phi(y))
+    (grad,) = torch.autograd.grad(value, xx)
+    return float(value.detach()), grad * x.shape[0]
+
+
 def identity_calls(transform, x, y, calls: int) -> list[bool]:
     """For each of ``calls`` calls of a ``p < 1`` transform: did it return the batch untouched (the very object)?"""
     return [transform(x, y)[0] is x for _ in range(calls)]

@@ -12,9 +12,7 @@ from geomloss import SamplesLoss
 
 import flowaug
 from flowaug import MMD, Embedded, FlowDataset, FlowTransform, Reference, Sinkhorn
-from flowaug.objectives import Context
-
-from .conftest import TensorPairs, tiny_images
+from .conftest import TensorPairs, autograd_value_and_gradient, ours_value_and_gradient, tiny_images
 
 
 def mlp(seed=0, d_in=4, d_out=3, dtype=torch.float64):
@@ -40,16 +38,10 @@ class TestEmbedded:
         self.y = torch.randn(56, 4, generator=g, dtype=torch.float64) + 1
 
     def _ours(self, objective):
-        ctx = Context(z_ref=self.y, ref_half=(self.y**2).sum(1) / 2, backend="tensorized", feature_dim=4,
-                      feature_shape=(4,))
-        ev = objective.evaluate(self.x, ctx)
-        return float(ev.value) + objective.constant(ctx), ev.grad
+        return ours_value_and_gradient(objective, self.x, self.y)
 
     def _autograd(self, loss, phi):
-        x = self.x.clone().requires_grad_(True)
-        value = loss(phi(x), phi(self.y))
-        (grad,) = torch.autograd.grad(value, x)
-        return float(value.detach()), grad * self.x.shape[0]
+        return autograd_value_and_gradient(loss, self.x, self.y, phi)
 
     def test_pickle_round_trip(self):
         obj = Embedded(Sinkhorn(blur=0.5), mlp(), reference_size=10)

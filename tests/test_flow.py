@@ -12,7 +12,7 @@ from geomloss import SamplesLoss
 import flowaug
 from flowaug import MMD, Custom, Interaction, Potential, Sinkhorn, SlicedWasserstein
 
-from .conftest import blobs, tiny_images
+from .conftest import autograd_value_and_gradient, blobs, ours_value_and_gradient, tiny_images
 
 
 def quadratic_pull(z):
@@ -111,17 +111,10 @@ class TestAgainstGeomloss:
         self.y = torch.randn(64, 4, generator=g, dtype=torch.float64) + 1
 
     def _ours(self, objective):
-        from flowaug.objectives import Context
-
-        ctx = Context(z_ref=self.y, ref_half=(self.y**2).sum(1) / 2, backend="tensorized", feature_dim=4)
-        value, grad = objective.evaluate(self.x, ctx)[:2]
-        return float(value) + objective.constant(ctx), grad
+        return ours_value_and_gradient(objective, self.x, self.y)
 
     def _geomloss(self, loss):
-        x = self.x.clone().requires_grad_(True)
-        value = loss(x, self.y)
-        (grad,) = torch.autograd.grad(value, x)
-        return float(value.detach()), grad * self.x.shape[0]
+        return autograd_value_and_gradient(loss, self.x, self.y)
 
     def test_sinkhorn(self):
         ours_v, ours_g = self._ours(Sinkhorn(blur=1.0, tol=1e-9, max_iter=50000))
