@@ -34,6 +34,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from itertools import pairwise
 
 import torch
@@ -48,7 +49,12 @@ from flowaug.gradual import DEFAULT_GENERATED, _encode, adapt, domain_times, flo
 SOURCE, POOL, TARGET = 5000, 42000, 2000  # Kumar et al.'s rotating-MNIST sizes; domains of DOMAIN images
 DOMAIN = 2000
 #: the flowaug candidate reported as the recipe: the choice of benchmarks/gradual_select.py on development shifts
-RECIPE = "flowaug"
+RECIPE = "flowaug, encoder retrained, 20 per gap"
+
+
+def generated_of(name: str, args) -> int:
+    """Domains generated per gap by a method: 20 where its name says so, else --generated."""
+    return 20 if name.endswith("20 per gap") else args.generated
 METHODS = {  # name -> kind ("flowaug": a candidate; the one --recipe names is reported as flowaug, the rest as ablations)
     "source only": "baseline",
     "direct self-training": "baseline",
@@ -64,6 +70,9 @@ METHODS = {  # name -> kind ("flowaug": a candidate; the one --recipe names is r
     # added after the first seeds were seen (appended: the earlier methods' random streams are unchanged)
     "oracle: all real intermediates, head only": "oracle",
     "flowaug, encoder retrained": "flowaug",
+    # added with the selection's choice (20 flow domains per gap), and GOAT's path at that count too
+    "GOAT path, gradual schedule, 20 per gap": "baseline",
+    "flowaug, encoder retrained, 20 per gap": "flowaug",
 }
 
 
@@ -182,14 +191,16 @@ def pairing(f_last: torch.Tensor, f_b: torch.Tensor, y_a: torch.Tensor, y_b: tor
     return float((y_b[torch.cdist(f_last, f_b).argmin(1)] == y_a).float().mean())
 
 
-def goat(args, model, data, g, reencode: bool, levels=None) -> tuple[nn.Module, int, list[float]]:
-    """GOAT as published (reencode=False), or its OT-plan path in flowaug's schedule (reencode=True)."""
+def goat(args, model, data, g, reencode: bool, levels=None, k: int | None = None) -> tuple[nn.Module, int, list]:
+    """GOAT as published (reencode=False), or its OT-plan path in flowaug's schedule (reencode=True); ``k``
+    domains per gap (default --generated)."""
+    k = args.generated if k is None else k
     chain = [data["source"]] + data["given"] + [data["target"]]
     steps, rates = 0, []
     encoder, head = model[0], model[1]
     for (x_a, y_a), (x_b, y_b) in pairwise(chain):
         f_a, f_b = _encode(encoder, x_a), _encode(encoder, x_b)
-        path, i = ot_path(f_a, f_b, args.generated)
+        path, i = ot_path(f_a, f_b, k)
         rates.append(pairing(path[-1], f_b, y_a[i], y_b))
         if levels is not None:
             levels.append(levels_of(path, data, g))
@@ -220,10 +231,11 @@ def flowaug_recipe(args, model, data, g, name: str, levels=None) -> tuple[nn.Mod
             levels.append(levels_of(path, data, g))
 
     opts = flowaug_options(name)
-    out = adapt(model[0], model[1], data["source"], [x for x, _ in chain[1:]], generated=args.generated,
+    k = generated_of(name, args)
+    out = adapt(model[0], model[1], data["source"], [x for x, _ in chain[1:]], generated=k,
                 epochs=args.epochs, batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g,
                 on_path=on_path, **opts)
-    steps = sum(args.generated * steps_of(len(a), args, filtered=not opts["carry_labels"]) + steps_of(len(b), args)
+    steps = sum(k * steps_of(len(a), args, filtered=not opts["carry_labels"]) + steps_of(len(b), args)
                 for (a, _), (b, _) in pairwise(chain))  # with train_encoder, the real domains' steps train it all
     return out, steps, rates
 
@@ -251,6 +263,7 @@ def given_matched(args, model, data, g, budget: int) -> tuple[nn.Module, int]:
 
 
 def run_method(args, name: str, source_model, data, seed: int) -> dict:
+    start = time.perf_counter()
     g = torch.Generator().manual_seed(seed * 1000 + list(METHODS).index(name))
     steps, rates, levels = 0, None, ([] if name in ("GOAT", "flowaug") else None)
     if name == "source only":
@@ -273,14 +286,16 @@ def run_method(args, name: str, source_model, data, seed: int) -> dict:
         steps = sum(steps_of(len(x), args) for x, _ in data["given"]) + steps_of(len(data["target"][0]), args)
     elif name == "gradual, given domains, head only, matched steps":
         chain = [data["source"]] + data["given"] + [data["target"]]
-        budget = sum(args.generated * steps_of(len(a), args) + steps_of(len(b), args)
-                     for (a, _), (b, _) in pairwise(chain))
+        k = generated_of(args.recipe, args)  # as many steps as the recipe's walk
+        budget = sum(k * steps_of(len(a), args) + steps_of(len(b), args) for (a, _), (b, _) in pairwise(chain))
         model, steps = given_matched(args, source_model, data, g, budget)
     elif name.startswith("GOAT"):
-        model, steps, rates = goat(args, source_model, data, g, reencode=name != "GOAT", levels=levels)
+        model, steps, rates = goat(args, source_model, data, g, reencode=name != "GOAT", levels=levels,
+                                   k=generated_of(name, args))
     else:
         model, steps, rates = flowaug_recipe(args, source_model, data, g, name, levels=levels)
-    record = {"seed": seed, "method": name, "accuracy": accuracy(model, *data["test"]), "adaptation_steps": steps}
+    record = {"seed": seed, "method": name, "accuracy": accuracy(model, *data["test"]), "adaptation_steps": steps,
+              "seconds": time.perf_counter() - start}  # one thread, with the diagnostics
     if rates is not None:
         record["pairing"] = rates
     if levels:
@@ -392,6 +407,8 @@ def summarise(args) -> dict:
                "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                "runs": [{"seed": r["seed"], "accuracy": r["accuracy"]} for r in rs],
                "adaptation_steps": rs[0]["adaptation_steps"]}
+        if all("seconds" in r for r in rs):
+            rec["seconds_median"] = statistics.median(r["seconds"] for r in rs)
         for key in ("pairing", "path_levels"):
             if key in rs[0]:
                 rec[key] = torch.tensor([r[key] for r in rs]).mean(0).tolist()  # per gap (and generated domain)

@@ -55,13 +55,13 @@ def main():
     head = nn.Sequential(nn.Linear(512, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
     g = torch.Generator().manual_seed(0)
     model = self_train(nn.Sequential(encoder, head), *source, epochs=10, generator=g)  # supervised on the source
-    print(f"source only:                 {accuracy(model, *test):5.1f}%")
+    print(f"source only:                  {accuracy(model, *test):5.1f}%")
 
     common = {"epochs": 3, "generator": g}
-    plain = adapt(model[0], model[1], source, given + [target], generated=0, **common)
-    print(f"gradual self-training:       {accuracy(plain, *test):5.1f}%  (given domains only)")
-    flowed = adapt(model[0], model[1], source, given + [target], generated=5, progress=True, **common)
-    print(f"flowaug (5 domains per gap): {accuracy(flowed, *test):5.1f}%")
+    plain = adapt(model[0], model[1], source, given + [target], generated=0, **common)  # no generated domains
+    print(f"gradual self-training:        {accuracy(plain, *test):5.1f}%  (given domains only)")
+    flowed = adapt(model[0], model[1], source, given + [target], progress=True, **common)  # 20 flow domains per gap
+    print(f"flowaug (20 domains per gap): {accuracy(flowed, *test):5.1f}%")
 
 
 if __name__ == "__main__":

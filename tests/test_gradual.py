@@ -65,12 +65,12 @@ class TestFlowDomains:
 
     def test_a_class_the_target_labels_lack_flows_toward_all_of_it_with_a_warning(self):
         x_a, y_a = blobs(0.0, seed=5)
-        x_b = torch.randn(50, 2) + torch.tensor([0.0, 8.0])
+        x_b = torch.randn(50, 2, generator=torch.Generator().manual_seed(6)) + torch.tensor([0.0, 8.0])
         y_b = torch.zeros(50, dtype=torch.long)  # the model calls every target sample class 0
         with pytest.warns(RuntimeWarning, match=r"no samples of class\(es\) \[1\]"):
             end = flow_domains(x_a, x_b, 1, y_from=y_a, y_to=y_b, steps=5, schedule=lambda p: 2 * p)[0]
         assert torch.isfinite(end).all()
-        assert (end[y_a == 1, 1] > 6).all()  # class 1 went to the target too
+        assert end[y_a == 1, 1].mean() > 7 and (end[y_a == 1, 1] > 3).all()  # class 1 went to the target too
 
     def test_inputs_not_mutated_and_sizes_may_differ(self):
         x_a, y_a = blobs(0.0, n=120)
@@ -137,7 +137,8 @@ class TestSelfTrain:
 
 
 class TestAdapt:
-    def test_gradual_shift_is_followed_where_the_source_model_fails(self):
+    @pytest.mark.parametrize("train_encoder", [True, False])
+    def test_gradual_shift_is_followed_where_the_source_model_fails(self, train_encoder):
         source = blobs(0.0, seed=10)
         domains = [blobs(a, seed=11 + i)[0] for i, a in enumerate((45, 90, 135, 180))]
         target_test = blobs(180.0, seed=99)  # the classes have swapped places
@@ -145,7 +146,8 @@ class TestAdapt:
         assert acc(model, *target_test) < 0.05
         seen = []
         adapted = adapt(model[0], model[1], source, domains, generated=2, epochs=5, lr=0.05,
-                        generator=torch.Generator().manual_seed(0), on_path=lambda *a: seen.append(a))
+                        train_encoder=train_encoder, generator=torch.Generator().manual_seed(0),
+                        on_path=lambda *a: seen.append(a))
         assert acc(adapted, *target_test) > 0.95
         assert [s[0] for s in seen] == [0, 1, 2, 3] and all(len(s[3]) == 2 for s in seen)
 
