@@ -257,8 +257,8 @@ def given_matched(args, model, data, g, budget: int) -> tuple[nn.Module, int]:
     xs = [x for x, _ in data["given"]] + [data["target"][0]]
     base = sum(steps_of(len(x), args) for x in xs)
     epochs = max(args.epochs, round(args.epochs * budget / base))
-    out = adapt(model[0], model[1], data["source"], xs, generated=0, epochs=epochs, batch_size=args.batch,
-                lr=args.lr, confidence=args.confidence, generator=g)
+    out = adapt(model[0], model[1], data["source"], xs, generated=0, train_encoder=False, epochs=epochs,
+                batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g)
     return out, epochs * base // args.epochs
 
 
@@ -276,13 +276,13 @@ def run_method(args, name: str, source_model, data, seed: int) -> dict:
         model, steps = st_through(args, source_model, [x for x, _ in data["pool"]] + [data["target"][0]], g)
     elif name == "oracle: all real intermediates, head only":  # what a fixed source encoder allows at best
         xs = [x for x, _ in data["pool"]] + [data["target"][0]]
-        model = adapt(source_model[0], source_model[1], data["source"], xs, generated=0, epochs=args.epochs,
-                      batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g)
+        model = adapt(source_model[0], source_model[1], data["source"], xs, generated=0, train_encoder=False,
+                      epochs=args.epochs, batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g)
         steps = sum(steps_of(len(x), args) for x in xs)
     elif name == "gradual, given domains, head only":
         model = adapt(source_model[0], source_model[1], data["source"], [x for x, _ in data["given"]] +
-                      [data["target"][0]], generated=0, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
-                      confidence=args.confidence, generator=g)
+                      [data["target"][0]], generated=0, train_encoder=False, epochs=args.epochs,
+                      batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g)
         steps = sum(steps_of(len(x), args) for x, _ in data["given"]) + steps_of(len(data["target"][0]), args)
     elif name == "gradual, given domains, head only, matched steps":
         chain = [data["source"]] + data["given"] + [data["target"]]

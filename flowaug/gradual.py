@@ -154,7 +154,9 @@ def self_train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = 
     """One self-training step: a copy of ``model`` trained on ``x`` with ``labels`` (carried labels) or,
     without them, the model's own confident pseudo-labels. ``model`` itself is not changed.
 
-    Returns the trained copy (in eval mode). ``epochs * ceil(kept / batch_size)`` optimizer steps (Adam).
+    Returns the trained copy (in eval mode). ``epochs * ceil(kept / batch_size)`` optimizer steps (Adam). With a
+    ``generator`` the run repeats exactly (shuffling and dropout both come from it; the global random stream is
+    left as it was).
     """
     epochs, batch_size = check_int("epochs", epochs), check_int("batch_size", batch_size, minimum=1)
     if labels is None:
@@ -163,6 +165,18 @@ def self_train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = 
     elif labels.shape != x.shape[:1]:
         raise ValueError(f"labels must have shape ({len(x)},), got {tuple(labels.shape)}")
     student = copy.deepcopy(model).train()
+    if generator is None:
+        _fit(student, x, labels, epochs, batch_size, lr, weight_decay, None)
+    else:  # dropout draws from the global stream: seed it from the generator, leave the caller's stream untouched
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _fit(student, x, labels, epochs, batch_size, lr, weight_decay, generator)
+    return student.eval()
+
+
+def _fit(student: nn.Module, x, labels, epochs: int, batch_size: int, lr: float, weight_decay: float,
+         generator: torch.Generator | None) -> None:
     opt = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -176,7 +190,6 @@ def self_train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = 
                 raise FloatingPointError("self-training loss is not finite (check the learning rate and the inputs)")
             loss.backward()
             opt.step()
-    return student.eval()
 
 
 def _encode(encoder: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

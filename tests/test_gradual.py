@@ -130,6 +130,19 @@ class TestSelfTrain:
         b = self_train(teacher, x, epochs=3, generator=torch.Generator().manual_seed(7))
         assert all(torch.equal(p, q) for p, q in zip(params(a), params(b)))
 
+    def test_dropout_comes_from_the_generator_and_the_global_stream_is_untouched(self):
+        x, y = blobs(0.0)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+        state = torch.random.get_rng_state()
+        a = self_train(model, x, y, epochs=2, generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(123)  # another global state: the same result
+        b = self_train(model, x, y, epochs=2, generator=torch.Generator().manual_seed(3))
+        assert all(torch.equal(p, q) for p, q in zip(params(a), params(b)))
+        torch.set_rng_state(state)
+        self_train(model, x, y, epochs=1, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(torch.random.get_rng_state(), state)
+
     def test_bad_labels(self):
         x, y = blobs(0.0)
         with pytest.raises(ValueError, match="labels must have shape"):
