@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import append, machine, markdown_table, paired, run_parallel, write_json
 
 from flowaug.data import load_dataset
-from flowaug.gradual import DEFAULT_GENERATED, _encode, adapt, domain_times, flow_domains, pseudo_labels, self_train
+from flowaug.gradual import _encode, adapt, domain_times, flow_domains, pseudo_labels, self_train
 
 SOURCE, POOL, TARGET = 5000, 42000, 2000  # Kumar et al.'s rotating-MNIST sizes; domains of DOMAIN images
 DOMAIN = 2000
@@ -55,7 +55,8 @@ RECIPE = "flowaug, encoder retrained, 20 per gap"
 def generated_of(name: str, args) -> int:
     """Domains generated per gap by a method: 20 where its name says so, else --generated."""
     return 20 if name.endswith("20 per gap") else args.generated
-METHODS = {  # name -> kind ("flowaug": a candidate; the one --recipe names is reported as flowaug, the rest as ablations)
+#: name -> kind ("flowaug": a candidate; the one --recipe names is reported as flowaug, the others as ablations)
+METHODS = {
     "source only": "baseline",
     "direct self-training": "baseline",
     "gradual, given domains": "baseline",
@@ -217,7 +218,8 @@ def goat(args, model, data, g, reencode: bool, levels=None, k: int | None = None
 
 
 def flowaug_options(name: str) -> dict:
-    return {"label_aware": "class-wise" in name, "carry_labels": "carried" in name, "train_encoder": "retrained" in name}
+    return {"label_aware": "class-wise" in name, "carry_labels": "carried" in name,
+            "train_encoder": "retrained" in name}
 
 
 def flowaug_recipe(args, model, data, g, name: str, levels=None) -> tuple[nn.Module, int, list[float]]:
@@ -350,10 +352,11 @@ def picture(args, data, model, png: str, digits: int = 4, columns: int = 5) -> N
 
     (x_a, y_a), (x_b, _) = data["source"], (data["given"] + [data["target"]])[0]
     f_a, f_b = _encode(model[0], x_a), _encode(model[0], x_b)
-    times = domain_times(args.generated)
+    n = generated_of(args.recipe, args)  # both paths at the recipe's count
+    times = domain_times(n)
     keep = sorted({round(k * (len(times) - 1) / (columns - 1)) for k in range(columns)})
-    flow_path = flow_domains(f_a, f_b, args.generated, generator=torch.Generator().manual_seed(0))
-    goat_path, rows = ot_path(f_a, f_b, args.generated)
+    flow_path = flow_domains(f_a, f_b, n, generator=torch.Generator().manual_seed(0))
+    goat_path, rows = ot_path(f_a, f_b, n)
     end_level = 1 / (args.given + 1) if args.given else 1.0  # the first domain's level
     unit = data["level_unit"]
     fig, axes = plt.subplots(3 * digits, len(keep), figsize=(1.3 * len(keep), 1.45 * 3 * digits))
@@ -451,7 +454,8 @@ def report(args) -> dict:
         "recipe": {"method": args.recipe, "generated": generated_of(args.recipe, args), **flowaug_options(args.recipe),
                    "flow": "flowaug.gradual.PATH_DEFAULTS (Sinkhorn, auto blur, 3 steps of 1, features only)",
                    "schedule": "linear"},
-        "protocol": {"epochs_per_domain": args.epochs, "source_epochs": args.source_epochs, "batch": args.batch,
+        "protocol": {"generated_per_gap_unless_named": args.generated, "epochs_per_domain": args.epochs,
+                     "source_epochs": args.source_epochs, "batch": args.batch,
                      "lr": args.lr, "confidence_filter": args.confidence, "sizes": dict(zip(
                          ("source", "pool", "target"), args.sizes)), "domain": args.domain, "quick": args.quick,
                      "budget": "every self-training step: --epochs epochs over the kept samples of one domain; "
@@ -471,8 +475,9 @@ def parse(argv=None):
     p.add_argument("--angle", type=float, default=60.0, help="target rotation (the target spans angle-5..angle)")
     p.add_argument("--color-shift", type=float, default=1.0, help="target pixel offset (GOAT's colour shift)")
     p.add_argument("--given", type=int, default=2, help="unlabelled intermediate domains given (0-5)")
-    p.add_argument("--generated", type=int, default=DEFAULT_GENERATED,
-                   help="domains generated per gap, GOAT and flowaug alike (chosen on development shifts)")
+    p.add_argument("--generated", type=int, default=10,
+                   help="domains generated per gap by the methods whose name gives no count (GOAT's choice on the "
+                        "development shifts); the recipe's count is in its name")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10, help="self-training epochs per domain")
     p.add_argument("--source-epochs", type=int, default=20)
