@@ -16,9 +16,11 @@ Methods (all in one run, paired by seed):
   encoder, head on the generated domains, whole model on each real domain): separates the path from the schedule;
 * oracle: gradual self-training through all real fine-grained intermediates (2,000 images each, as in Kumar et
   al. 2020);
-* flowaug: :func:`flowaug.gradual.adapt`, class-wise flows in the current encoder's features toward the next
-  domain's pseudo-classes, labels carried along the path. Fixed before any run (no selection on target labels):
-  ``--generated`` domains per gap (the same number as GOAT), default flow settings.
+* flowaug: :func:`flowaug.gradual.adapt` with its defaults (the recipe, ``--recipe``): 20 domains per gap from a
+  features-only flow in the current encoder's features, the head self-trained through them on pseudo-labels, the
+  whole model on each real domain; and ablations (source encoder fixed, class-wise flows, labels carried, 10 per
+  gap). Chosen by ``gradual_select.py`` on development shifts and seeds, never on an evaluated target's labels;
+  the encoder-retraining candidates entered that selection after first evaluation runs had been seen.
 
 Diagnostics (true labels, never used by a method): the same-class pairing rate of each generated path (the class of
 the next domain's sample nearest to each particle at the path's last generated domain).
@@ -223,7 +225,7 @@ def flowaug_options(name: str) -> dict:
 
 
 def flowaug_recipe(args, model, data, g, name: str, levels=None) -> tuple[nn.Module, int, list[float]]:
-    """:func:`flowaug.gradual.adapt` (source encoder fixed, the head walks generated and real domains)."""
+    """:func:`flowaug.gradual.adapt` with the options the method's name gives (see :func:`flowaug_options`)."""
     chain = [data["source"]] + data["given"] + [data["target"]]
     rates = []
 
@@ -489,7 +491,7 @@ def parse(argv=None):
     p.add_argument("--out", default="benchmarks/results/gradual_rotate.json")
     p.add_argument("--recipe", default=RECIPE, choices=[m for m, k in METHODS.items() if k == "flowaug"],
                    help="the flowaug candidate reported as the recipe (chosen by benchmarks/gradual_select.py)")
-    p.add_argument("--recipes-from", default=None, help="JSON of another run: reuse its recipe and --generated")
+    p.add_argument("--recipes-from", default=None, help="JSON of another run: reuse its recipe")
     p.add_argument("--quick", action="store_true", help="a smoke run: small domains, 1 epoch, 2 seeds")
     p.add_argument("--report", action="store_true", help="rebuild the JSON and table from the cells file")
     args = p.parse_args(argv)
@@ -500,7 +502,7 @@ def parse(argv=None):
 
         with open(args.recipes_from) as handle:
             recipe = json.load(handle)["recipe"]
-        args.generated, args.recipe = recipe["generated"], recipe["method"]
+        args.recipe = recipe["method"]  # its count is in its name; --generated stays the other methods' count
     args.sizes, args.domain = (SOURCE, POOL, TARGET), DOMAIN
     if args.quick:
         args.sizes, args.domain, args.epochs, args.source_epochs, args.seeds = (1000, 4000, 500), 500, 1, 2, 2

@@ -105,6 +105,9 @@ def flow_domains(x_from: torch.Tensor, x_to: torch.Tensor, n_domains: int, *, y_
     times = domain_times(n_domains, schedule)
     if (y_from is None) != (y_to is None):
         raise ValueError("y_from and y_to must be given together (class-wise flow) or both left out")
+    for name, y, x in (("y_from", y_from, x_from), ("y_to", y_to, x_to)):
+        if y is not None:
+            _check_class_ids(name, y, len(x))
     classwise = y_from is not None and (config is None or "class_map" not in config.given) \
         and "class_map" not in options and options.get("labels", "fixed") == "fixed"
     cfg = build_config(config, dict(PATH_DEFAULTS), options, "flow_domains")
@@ -126,6 +129,12 @@ def flow_domains(x_from: torch.Tensor, x_to: torch.Tensor, n_domains: int, *, y_
     return [torch.lerp(x_from, end, t) for t in times]  # each (N, ...)
 
 
+def _check_class_ids(name: str, y, n: int) -> None:
+    if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.is_floating_point() or y.is_complex() \
+            or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be a ({n},) integer tensor of class ids, got {describe(y)}")
+
+
 def pseudo_labels(model: nn.Module, x: torch.Tensor, *, confidence: float = 0.1,
                   batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's predicted classes on ``x`` and a mask keeping all but the ``confidence`` fraction of
@@ -134,6 +143,8 @@ def pseudo_labels(model: nn.Module, x: torch.Tensor, *, confidence: float = 0.1,
     The model is evaluated in eval mode and left in the mode it was in.
     """
     q = check_real("confidence", confidence, low=0, high=1, high_open=True)
+    if not isinstance(x, torch.Tensor) or len(x) == 0:
+        raise ValueError(f"x must be a non-empty tensor of inputs, got {describe(x)}")
     was_training = model.training
     model.eval()
     try:
@@ -158,18 +169,20 @@ def self_train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = 
     ``generator`` the run repeats exactly (shuffling and dropout both come from it; the global random stream is
     left as it was).
     """
-    epochs, batch_size = check_int("epochs", epochs), check_int("batch_size", batch_size, minimum=1)
+    # batch norm cannot train on one sample: batches of 1 would be skipped, leaving the model untrained
+    epochs, batch_size = check_int("epochs", epochs), check_int("batch_size", batch_size, minimum=2)
     if labels is None:
         labels, keep = pseudo_labels(model, x, confidence=confidence)
         x, labels = x[keep], labels[keep]
-    elif labels.shape != x.shape[:1]:
-        raise ValueError(f"labels must have shape ({len(x)},), got {tuple(labels.shape)}")
+    else:
+        _check_class_ids("labels", labels, len(x))
     student = copy.deepcopy(model).train()
     if generator is None:
         _fit(student, x, labels, epochs, batch_size, lr, weight_decay, None)
-    else:  # dropout draws from the global stream: seed it from the generator, leave the caller's stream untouched
+    else:  # dropout draws from the global streams: seed them from the generator, leave the caller's untouched
         seed = int(torch.randint(0, 2**62, (), generator=generator))
-        with torch.random.fork_rng(devices=[]):
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):  # manual_seed reseeds every CUDA device too
             torch.manual_seed(seed)
             _fit(student, x, labels, epochs, batch_size, lr, weight_decay, generator)
     return student.eval()
@@ -231,8 +244,11 @@ def adapt(encoder: nn.Module, head: nn.Module, source: tuple[torch.Tensor, torch
     from tqdm.auto import tqdm
 
     check_int("generated", generated)
-    if not domains:
-        raise ValueError("domains must hold at least one unlabelled domain (the target)")
+    if not isinstance(domains, (list, tuple)) or not domains or not all(isinstance(d, torch.Tensor) for d in domains):
+        raise ValueError(f"domains must be a non-empty list of input tensors (the last is the target), got "
+                         f"{describe(domains)}")
+    x_src, y_src = source
+    _check_class_ids("source labels", y_src, len(x_src))
     step = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "confidence": confidence, "generator": generator}
     path_options = dict(schedule=schedule, generator=generator, **(flow_options or {}))
     encoder, head = copy.deepcopy(encoder).eval(), copy.deepcopy(head).eval()
@@ -254,4 +270,4 @@ def adapt(encoder: nn.Module, head: nn.Module, source: tuple[torch.Tensor, torch
             encoder, head = self_train(nn.Sequential(encoder, head), x_b, **step)
             y_a = pseudo_labels(nn.Sequential(encoder, head), x_b, confidence=0.0)[0]
         x_a = x_b
-    return nn.Sequential(encoder, head)
+    return nn.Sequential(encoder, head).eval()

@@ -84,6 +84,8 @@ class TestFlowDomains:
         x, y = blobs(0.0)
         with pytest.raises(ValueError, match="y_from and y_to"):
             flow_domains(x, x, 2, y_from=y)
+        with pytest.raises(ValueError, match=r"y_to must be a \(200,\) integer tensor"):
+            flow_domains(x, x, 2, y_from=y, y_to=y[:-1])
         with pytest.raises(ValueError, match="same sample shape"):
             flow_domains(x, torch.rand(10, 3), 2)
         with pytest.raises(ValueError, match="x_to must be a float tensor"):
@@ -145,8 +147,14 @@ class TestSelfTrain:
 
     def test_bad_labels(self):
         x, y = blobs(0.0)
-        with pytest.raises(ValueError, match="labels must have shape"):
+        with pytest.raises(ValueError, match=r"labels must be a \(200,\) integer tensor"):
             self_train(linear_model(), x, y[:-1])
+        with pytest.raises(ValueError, match="labels must be a"):
+            self_train(linear_model(), x, y.float())
+        with pytest.raises(ValueError, match="batch_size"):
+            self_train(linear_model(), x, y, batch_size=1)
+        with pytest.raises(ValueError, match="x must be a non-empty"):
+            pseudo_labels(linear_model(), x[:0])
 
 
 class TestAdapt:
@@ -161,7 +169,7 @@ class TestAdapt:
         adapted = adapt(model[0], model[1], source, domains, generated=2, epochs=5, lr=0.05,
                         train_encoder=train_encoder, generator=torch.Generator().manual_seed(0),
                         on_path=lambda *a: seen.append(a))
-        assert acc(adapted, *target_test) > 0.95
+        assert acc(adapted, *target_test) > 0.95 and not adapted.training
         assert [s[0] for s in seen] == [0, 1, 2, 3] and all(len(s[3]) == 2 for s in seen)
 
     def test_arguments_not_changed(self):
@@ -173,5 +181,7 @@ class TestAdapt:
 
     def test_bad_input(self):
         model = linear_model()
-        with pytest.raises(ValueError, match="domains must hold"):
+        with pytest.raises(ValueError, match="domains must be a non-empty list"):
             adapt(model[0], model[1], blobs(0.0), [])
+        with pytest.raises(ValueError, match="domains must be a non-empty list"):
+            adapt(model[0], model[1], blobs(0.0), torch.stack([blobs(10.0)[0], blobs(20.0)[0]]))
