@@ -2,9 +2,10 @@
 
 Two unlabelled snapshots of the drift are given (20 and 40 degrees). ``flowaug.gradual.adapt`` fills the gaps
 between consecutive domains with flow-generated domains in the model's features and self-trains through them.
-Reads MNIST from ../shared/data when it is there; otherwise it rotates the examples' toy bar images.
+Reads MNIST from the shared data folder beside the repository (shared/data/mnist) when it is there; otherwise
+it rotates the examples' toy bar images, so it runs anywhere.
 
-    python examples/gradual_adaptation.py      # about a minute on one CPU core
+    python examples/gradual_adaptation.py      # about half a minute on one CPU core
 
 The full comparison (GOAT, the all-real-intermediates oracle, 5 seeds): benchmarks/gradual.py.
 """
