@@ -364,9 +364,18 @@ class FlowDataset(torch.utils.data.Dataset):
             mixed = torch.lerp(a, b, w)
             item = mixed.round().clamp(0, 255).to(torch.uint8) if xs[lo].dtype == torch.uint8 else mixed
         near = hi if w >= 0.5 else lo
-        if self.soft and self.config.labels == "flow" and near == self.snapshot_steps[-1] and self._data["soft"] is not None:
-            return item, self._data["soft"][index].clone()
-        return item, self._data["y"][near][index]
+        label = self._data["y"][near][index]
+        if not (self.soft and self.config.labels == "flow"):
+            return item, label
+        stored = self._data["soft"]  # (N, K'): the flow's soft labels, kept at the last snapshot only
+        if near == self.snapshot_steps[-1] and stored is not None:
+            return item, stored[index].clone()
+        # below it, the soft form of the decoded class at that snapshot (at strength 0: what the online dataset and
+        # the transform give an unflowed batch), as wide as the last snapshot's soft labels so items collate
+        width = stored.shape[1] if stored is not None else None
+        if width is not None and int(label) < width:
+            return item, torch.nn.functional.one_hot(label.long(), width).to(torch.float32)
+        return item, soft_identity(label[None], self.reference)[0]
 
     def _finish(self, template, x, label):
         """The served item: ``transform``/``target_transform`` applied, in the wrapped dataset's form."""

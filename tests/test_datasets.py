@@ -84,6 +84,20 @@ class TestFlowDataset:
         _, p = soft[0]
         assert p.shape == (3,) and float(p.sum()) == pytest.approx(1, abs=1e-5)
 
+    def test_soft_labels_below_the_last_snapshot_keep_their_form(self):
+        # were hard class ids below the midpoint of the last interval, (K',) soft labels above it: a DataLoader
+        # could not collate an epoch whose strength crossed it, and a loss saw two label forms
+        fd = FlowDataset(data(), reference(), steps=3, labels="flow", soft=True, snapshots=3, progress=False)
+        hard = FlowDataset(data(), reference(), steps=3, labels="flow", snapshots=3, progress=False)
+        for strength in (0.0, 0.3, 0.6, 1.0):
+            fd.strength = hard.strength = strength
+            for i in (0, 7):
+                p, c = fd[i][1], hard[i][1]
+                assert p.shape == (3,) and p.dtype == torch.float32
+                assert float(p.sum()) == pytest.approx(1, abs=1e-5)
+                if strength < 1:  # one-hot of the class the hard dataset serves at that strength
+                    assert int(p.argmax()) == int(c) and float(p.max()) == 1.0
+
     def test_cache_is_reused(self, tmp_path, monkeypatch):
         first = FlowDataset(data(), reference(), steps=3, cache_dir=str(tmp_path), progress=False)
         assert first.cache_status == "built" and len(glob.glob(str(tmp_path / "*.cache"))) == 1
