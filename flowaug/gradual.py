@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._checks import check_int, check_real, describe, warn_user
+from ._checks import check_int, check_labels, check_real, describe, warn_user
 from .config import FlowConfig, build_config
 from .flow import flow
 from .reference import Reference
@@ -107,7 +107,7 @@ def flow_domains(x_from: torch.Tensor, x_to: torch.Tensor, n_domains: int, *, y_
         raise ValueError("y_from and y_to must be given together (class-wise flow) or both left out")
     for name, y, x in (("y_from", y_from, x_from), ("y_to", y_to, x_to)):
         if y is not None:
-            _check_class_ids(name, y, len(x))
+            check_labels(name, y, len(x), allow_soft=False)
     classwise = y_from is not None and (config is None or "class_map" not in config.given) \
         and "class_map" not in options and options.get("labels", "fixed") == "fixed"
     cfg = build_config(config, dict(PATH_DEFAULTS), options, "flow_domains")
@@ -129,12 +129,6 @@ def flow_domains(x_from: torch.Tensor, x_to: torch.Tensor, n_domains: int, *, y_
     return [torch.lerp(x_from, end, t) for t in times]  # each (N, ...)
 
 
-def _check_class_ids(name: str, y, n: int) -> None:
-    if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.is_floating_point() or y.is_complex() \
-            or y.dtype == torch.bool:
-        raise ValueError(f"{name} must be a ({n},) integer tensor of class ids, got {describe(y)}")
-
-
 def pseudo_labels(model: nn.Module, x: torch.Tensor, *, confidence: float = 0.1,
                   batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's predicted classes on ``x`` and a mask keeping all but the ``confidence`` fraction of
@@ -145,13 +139,7 @@ def pseudo_labels(model: nn.Module, x: torch.Tensor, *, confidence: float = 0.1,
     q = check_real("confidence", confidence, low=0, high=1, high_open=True)
     if not isinstance(x, torch.Tensor) or len(x) == 0:
         raise ValueError(f"x must be a non-empty tensor of inputs, got {describe(x)}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            probs = torch.cat([model(x[i:i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
+    probs = _encode(model, x, batch_size).softmax(1)  # (N, K)
     if not torch.isfinite(probs).all():
         raise FloatingPointError("the model's outputs on x are not finite: cannot pseudo-label")
     score, labels = probs.max(1)  # (N,), (N,)
@@ -175,7 +163,7 @@ def self_train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = 
         labels, keep = pseudo_labels(model, x, confidence=confidence)
         x, labels = x[keep], labels[keep]
     else:
-        _check_class_ids("labels", labels, len(x))
+        check_labels("labels", labels, len(x), allow_soft=False)
     student = copy.deepcopy(model).train()
     if generator is None:
         _fit(student, x, labels, epochs, batch_size, lr, weight_decay, None)
@@ -205,10 +193,15 @@ def _fit(student: nn.Module, x, labels, epochs: int, batch_size: int, lr: float,
             opt.step()
 
 
-def _encode(encoder: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    encoder.eval()
-    with torch.no_grad():
-        return torch.cat([encoder(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])  # (N, D)
+def _encode(module: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """``module(x)`` in eval mode, without gradients, in batches; the module is left in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([module(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])  # (N, D)
+    finally:
+        module.train(was_training)
 
 
 def adapt(encoder: nn.Module, head: nn.Module, source: tuple[torch.Tensor, torch.Tensor],
@@ -247,12 +240,12 @@ def adapt(encoder: nn.Module, head: nn.Module, source: tuple[torch.Tensor, torch
     if not isinstance(domains, (list, tuple)) or not domains or not all(isinstance(d, torch.Tensor) for d in domains):
         raise ValueError(f"domains must be a non-empty list of input tensors (the last is the target), got "
                          f"{describe(domains)}")
-    x_src, y_src = source
-    _check_class_ids("source labels", y_src, len(x_src))
+    x_a, y_a = source
+    check_labels("source labels", y_a, len(x_a), allow_soft=False)
     step = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "confidence": confidence, "generator": generator}
     path_options = dict(schedule=schedule, generator=generator, **(flow_options or {}))
     encoder, head = copy.deepcopy(encoder).eval(), copy.deepcopy(head).eval()
-    x_a, y_a = source
+    needs_labels = generated > 0 and (label_aware or carry_labels)  # else the walk never reads y_a again
     fixed = None if train_encoder else [_encode(encoder, x) for x in [x_a, *domains]]  # (N_i, D) each
     for pair, x_b in enumerate(tqdm(domains, desc="gradual self-training", disable=not progress)):
         f_a, f_b = (fixed[pair], fixed[pair + 1]) if fixed else (_encode(encoder, x_a), _encode(encoder, x_b))
@@ -265,9 +258,10 @@ def adapt(encoder: nn.Module, head: nn.Module, source: tuple[torch.Tensor, torch
                 head = self_train(head, f_t, y_a if carry_labels else None, **step)
         if fixed:
             head = self_train(head, f_b, **step)
-            y_a = pseudo_labels(head, f_b, confidence=0.0)[0]
         else:
             encoder, head = self_train(nn.Sequential(encoder, head), x_b, **step)
-            y_a = pseudo_labels(nn.Sequential(encoder, head), x_b, confidence=0.0)[0]
+        if needs_labels:
+            y_a = pseudo_labels(head, f_b, confidence=0.0)[0] if fixed else \
+                pseudo_labels(nn.Sequential(encoder, head), x_b, confidence=0.0)[0]
         x_a = x_b
     return nn.Sequential(encoder, head).eval()
