@@ -370,11 +370,8 @@ class FlowDataset(torch.utils.data.Dataset):
         stored = self._data["soft"]  # (N, K'): the flow's soft labels, kept at the last snapshot only
         if near == self.snapshot_steps[-1] and stored is not None:
             return item, stored[index].clone()
-        # below it, the soft form of the decoded class at that snapshot (at strength 0: what the online dataset and
-        # the transform give an unflowed batch), as wide as the last snapshot's soft labels so items collate
-        width = stored.shape[1] if stored is not None else None
-        if width is not None and int(label) < width:
-            return item, torch.nn.functional.one_hot(label.long(), width).to(torch.float32)
+        # below it, the soft form of the class decoded at that snapshot by the rule the transform and the online
+        # dataset use for an unflowed batch: (K',) wide, like the stored soft labels, so items collate
         return item, soft_identity(label[None], self.reference)[0]
 
     def _finish(self, template, x, label):
