@@ -194,11 +194,21 @@ def pairing(f_last: torch.Tensor, f_b: torch.Tensor, y_a: torch.Tensor, y_b: tor
     return float((y_b[torch.cdist(f_last, f_b).argmin(1)] == y_a).float().mean())
 
 
+def chain_of(data) -> list[tuple]:
+    """(x, y) of the source, the given domains and the target, in walking order (y only for diagnostics)."""
+    return [data["source"], *data["given"], data["target"]]
+
+
+def walk_steps(args, chain, k: int, filtered: bool = True) -> int:
+    """Optimizer steps of a walk with ``k`` generated domains per gap (the first domain's size) and each real one."""
+    return sum(k * steps_of(len(a), args, filtered) + steps_of(len(b), args) for (a, _), (b, _) in pairwise(chain))
+
+
 def goat(args, model, data, g, reencode: bool, levels=None, k: int | None = None) -> tuple[nn.Module, int, list]:
     """GOAT as published (reencode=False), or its OT-plan path in flowaug's schedule (reencode=True); ``k``
     domains per gap (default --generated)."""
     k = args.generated if k is None else k
-    chain = [data["source"]] + data["given"] + [data["target"]]
+    chain = chain_of(data)
     steps, rates = 0, []
     encoder, head = model[0], model[1]
     for (x_a, y_a), (x_b, y_b) in pairwise(chain):
@@ -226,7 +236,7 @@ def flowaug_options(name: str) -> dict:
 
 def flowaug_recipe(args, model, data, g, name: str, levels=None) -> tuple[nn.Module, int, list[float]]:
     """:func:`flowaug.gradual.adapt` with the options the method's name gives (see :func:`flowaug_options`)."""
-    chain = [data["source"]] + data["given"] + [data["target"]]
+    chain = chain_of(data)
     rates = []
 
     def on_path(pair, f_a, f_b, path):
@@ -239,9 +249,8 @@ def flowaug_recipe(args, model, data, g, name: str, levels=None) -> tuple[nn.Mod
     out = adapt(model[0], model[1], data["source"], [x for x, _ in chain[1:]], generated=k,
                 epochs=args.epochs, batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g,
                 on_path=on_path, **opts)
-    steps = sum(k * steps_of(len(a), args, filtered=not opts["carry_labels"]) + steps_of(len(b), args)
-                for (a, _), (b, _) in pairwise(chain))  # with train_encoder, the real domains' steps train it all
-    return out, steps, rates
+    # with train_encoder, the real domains' steps train the whole model
+    return out, walk_steps(args, chain, k, filtered=not opts["carry_labels"]), rates
 
 
 def levels_of(path, data, g, sample: int = 500) -> list[float]:
@@ -256,9 +265,9 @@ def levels_of(path, data, g, sample: int = 500) -> list[float]:
     return out
 
 
-def given_matched(args, model, data, g, budget: int) -> tuple[nn.Module, int]:
-    """Head-only gradual self-training on the given domains with as many optimizer steps as flowaug's walk."""
-    xs = [x for x, _ in data["given"]] + [data["target"][0]]
+def head_walk(args, model, data, xs, g, budget: int = 0) -> tuple[nn.Module, int]:
+    """Head-only gradual self-training through the real domains ``xs`` (source encoder fixed): --epochs per domain,
+    or as many more as reach ``budget`` optimizer steps in all."""
     base = sum(steps_of(len(x), args) for x in xs)
     epochs = max(args.epochs, round(args.epochs * budget / base))
     out = adapt(model[0], model[1], data["source"], xs, generated=0, train_encoder=False, epochs=epochs,
@@ -279,20 +288,10 @@ def run_method(args, name: str, source_model, data, seed: int) -> dict:
     elif name == "oracle: all real intermediates":
         model, steps = st_through(args, source_model, [x for x, _ in data["pool"]] + [data["target"][0]], g)
     elif name == "oracle: all real intermediates, head only":  # what a fixed source encoder allows at best
-        xs = [x for x, _ in data["pool"]] + [data["target"][0]]
-        model = adapt(source_model[0], source_model[1], data["source"], xs, generated=0, train_encoder=False,
-                      epochs=args.epochs, batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g)
-        steps = sum(steps_of(len(x), args) for x in xs)
-    elif name == "gradual, given domains, head only":
-        model = adapt(source_model[0], source_model[1], data["source"], [x for x, _ in data["given"]] +
-                      [data["target"][0]], generated=0, train_encoder=False, epochs=args.epochs,
-                      batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g)
-        steps = sum(steps_of(len(x), args) for x, _ in data["given"]) + steps_of(len(data["target"][0]), args)
-    elif name == "gradual, given domains, head only, matched steps":
-        chain = [data["source"]] + data["given"] + [data["target"]]
-        k = generated_of(args.recipe, args)  # as many steps as the recipe's walk
-        budget = sum(k * steps_of(len(a), args) + steps_of(len(b), args) for (a, _), (b, _) in pairwise(chain))
-        model, steps = given_matched(args, source_model, data, g, budget)
+        model, steps = head_walk(args, source_model, data, [x for x, _ in data["pool"]] + [data["target"][0]], g)
+    elif name.startswith("gradual, given domains, head only"):  # matched: as many steps as the recipe's walk
+        budget = walk_steps(args, chain_of(data), generated_of(args.recipe, args)) if "matched" in name else 0
+        model, steps = head_walk(args, source_model, data, [x for x, _ in chain_of(data)[1:]], g, budget)
     elif name.startswith("GOAT"):
         model, steps, rates = goat(args, source_model, data, g, reencode=name != "GOAT", levels=levels,
                                    k=generated_of(name, args))
