@@ -18,10 +18,12 @@ from .flow import FlowResult, flow
 from .labels import ClassStats, LabelEmbedding, assign_classes, decode_labels
 from .objectives import (
     MMD,
+    ClassifierPotential,
     Custom,
     Embedded,
     Entropy,
     Interaction,
+    LabelPotential,
     Objective,
     Potential,
     Sinkhorn,
@@ -36,6 +38,7 @@ from ._version import __version__
 
 __all__ = [
     "ClassStats",
+    "ClassifierPotential",
     "Condensed",
     "Custom",
     "DenseMemoryError",
@@ -49,6 +52,7 @@ __all__ = [
     "FlowTransform",
     "Interaction",
     "LabelEmbedding",
+    "LabelPotential",
     "MMD",
     "Objective",
     "Potential",

@@ -5,18 +5,20 @@ from __future__ import annotations
 from .base import Context, Evaluation, Objective, WeightedSum
 from .custom import Custom
 from .embedded import Embedded
-from .energies import Entropy, Interaction, Potential
+from .energies import ClassifierPotential, Entropy, Interaction, LabelPotential, Potential
 from .mmd import MMD
 from .sinkhorn import Sinkhorn
 from .sliced import SlicedWasserstein
 
 __all__ = [
+    "ClassifierPotential",
     "Context",
     "Custom",
     "Embedded",
     "Evaluation",
     "Entropy",
     "Interaction",
+    "LabelPotential",
     "MMD",
     "OBJECTIVES",
     "Objective",

@@ -3,6 +3,10 @@
     F(rho) = int V d rho + 1/2 int int W(z, z') d rho d rho + T int rho log rho
 
 * ``Potential(V)``: ``V`` maps (N, D) points to (N,) energies; Wasserstein gradient ``grad V(z_i)``.
+* ``LabelPotential(V)``: a potential that sees each particle's label, ``V(x, y)`` on the features in their
+  sample shape and the current labels; ``ClassifierPotential(model)`` is ``V(x, y) = CE(model(x), y)``, the
+  free energy ``D(rho, target) + lambda int CE(f(x), y) d rho`` of classifier-guided flows (GGF, Zhuang et
+  al. 2024; IDM's cross-entropy term in dataset condensation).
 * ``Interaction(W)``: ``W`` maps two broadcastable point sets (N, 1, D), (1, N, D) to (N, N) energies;
   Wasserstein gradient ``sum_k a_k grad_1 W(z_i, z_k)`` (for symmetric ``W``).
 * ``Entropy(T)``: the entropy's Wasserstein gradient is ``T grad log rho``, which has no particle
@@ -19,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from .._checks import check_real
+from .._checks import check_real, describe
 from .base import Evaluation, Objective
 
-__all__ = ["Entropy", "Interaction", "Potential"]
+__all__ = ["ClassifierPotential", "Entropy", "Interaction", "LabelPotential", "Potential"]
 
 
 def _require_callable(name, fn):
@@ -61,6 +65,80 @@ class Potential(Objective):
         value = energies.detach().mean()
         _finite_or_raise("Potential fn", value, grad)
         return Evaluation(value, grad)
+
+
+class LabelPotential(Objective):
+    """Label-conditional potential energy ``mean_i V(x_i, y_i)``: ``fn(x, y)`` maps the features in their
+    sample shape (N, *shape) and the current labels (hard (N,) or soft (N, K)) to (N,) energies.
+
+    Its Wasserstein gradient is ``grad_x V(x_i, y_i)`` on the features; label coordinates get none. It needs
+    labels (a flow given ``y``); in a class-wise flow it is evaluated once on the whole batch with every
+    particle's own label, so class-wise and joint flows see the same term.
+
+    Example:
+        >>> import torch, flowaug
+        >>> x, y = torch.zeros(4, 1), torch.tensor([0, 0, 1, 1])
+        >>> pull = flowaug.LabelPotential(lambda x, y: (x[:, 0] - 2.0 * y).square() / 2)  # class k toward 2k
+        >>> flowaug.flow(x, y, objective=pull, steps=40, step_size=0.2).x[:, 0].round().tolist()
+        [0.0, 0.0, 2.0, 2.0]
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.fn = _require_callable("fn", fn)
+
+    def energies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) energies of the particles ``x`` (N, *shape) with labels ``y``."""
+        return self.fn(x, y)
+
+    def evaluate(self, z, ctx, state=None):
+        if ctx.labels is None:
+            raise ValueError(f"{type(self).__name__} needs each particle's label: pass y to the flow (got none)")
+        n, d = z.shape[0], ctx.feature_dim
+        with torch.enable_grad():
+            x = z[:, :d].detach().reshape(n, *ctx.feature_shape).requires_grad_(True)  # (N, *shape)
+            energies = self.energies(x, ctx.labels)
+            if not isinstance(energies, torch.Tensor) or energies.shape != (n,):
+                raise ValueError(f"{type(self).__name__} fn must return shape ({n},), got {describe(energies)}")
+            (gx,) = torch.autograd.grad(energies.sum(), x)
+        grad = torch.zeros_like(z)  # (N, D): features only
+        grad[:, :d] = gx.reshape(n, d).to(z.dtype)
+        value = energies.detach().mean().to(z.dtype)
+        _finite_or_raise(f"{type(self).__name__} fn", value, grad)
+        return Evaluation(value, grad)
+
+
+class ClassifierPotential(LabelPotential):
+    """``V(x, y) = CE(model(x), y)``: the cross-entropy of a fixed classifier at each particle's label.
+
+    Added to a distribution term it keeps particles inside their class while they move (GGF's classifier
+    potential). ``model`` is evaluated in eval mode (its mode is restored after) and is never trained: only
+    the particles receive gradients, and no ``.grad`` of its parameters is written. Hard or soft labels.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module classifier, got {describe(model)}")
+        self.model = model
+
+    def energies(self, x, y):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(x.to(next(self.model.parameters(), x).dtype))  # (N, K)
+        finally:
+            self.model.train(was_training)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"ClassifierPotential model must return (N, K) logits with K >= 2, got "
+                             f"{describe(logits)}")
+        return torch.nn.functional.cross_entropy(logits, y if y.dim() == 1 else y.to(logits.dtype), reduction="none")
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.model is other.model
+
+    __hash__ = Objective.__hash__
+
+    def extra_repr(self) -> str:
+        return type(self.model).__name__
 
 
 class Interaction(Objective):
