@@ -5,8 +5,17 @@ from __future__ import annotations
 import os
 import warnings
 
-import pytest
-import torch
+# One thread per process, set before torch starts its pools: the suite's tensors are tiny, so extra threads
+# only add synchronisation, and on a shared machine (another process holding a core) torch's default of one
+# thread per core made every parallel region wait for the busy core (a 4-minute suite took 24). Spawned
+# DataLoader/DDP workers inherit the environment variables.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 warnings.filterwarnings("ignore", message=".*CUDA libraries not found.*")
 
