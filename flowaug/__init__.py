@@ -66,15 +66,25 @@ __all__ = [
 ]
 
 
+#: submodules reachable as attributes (``flowaug.gradual.adapt``) without an import of their own; loaded on first
+#: use. (``flowaug.condense`` is the function; its module is ``importlib.import_module("flowaug.condense")``.)
+_SUBMODULES = ("callbacks", "data", "datasets", "demo", "distance", "dsa", "gradual", "networks", "plotting",
+               "policy", "schedules")
+
+
 def __getattr__(name):
     # Lightning is imported only when the callback is asked for (it is slow to import).
     if name == "FlowAnnealing":
         from .callbacks import FlowAnnealing
 
         return FlowAnnealing
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'flowaug' has no attribute {name!r}")
 
 
 def __dir__():
-    # The lazy names (FlowAnnealing) are in __all__ but not in globals() until first use: list both.
-    return sorted(set(globals()) | set(__all__))
+    # The lazy names (FlowAnnealing, the submodules) are not in globals() until first use: list them too.
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
