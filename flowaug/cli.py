@@ -15,6 +15,7 @@ import torch
 
 from ._io import atomic_path
 from .backends import BACKENDS
+from .objectives import OBJECTIVES
 
 __all__ = ["main"]
 
@@ -135,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int, default=2000, help=LIMIT_HELP)
     f.add_argument("--steps", type=int, default=10, help="Euler steps")
     f.add_argument("--step-size", type=float, default=0.5, help="step size tau")
-    f.add_argument("--objective", default="sinkhorn", choices=["sinkhorn", "mmd", "energy", "laplacian", "sliced"],
-                   help="functional whose Wasserstein gradient flow is followed")
+    f.add_argument("--objective", default="sinkhorn", choices=list(OBJECTIVES),
+                   help="functional whose Wasserstein gradient flow is followed (flowaug.objectives.OBJECTIVES: otdd "
+                        "is sinkhorn, gaussian is mmd, linear matches the means)")
     f.add_argument("--labels", default="fixed", choices=["fixed", "flow"], help="keep labels or flow them too")
     f.add_argument("--class-map", default=None, choices=["same", "ot"],
                    help="flow each class toward one reference class: 'same' label set, or paired by OT "

@@ -141,8 +141,9 @@ def flow(
             it (``flow(x, y, ref, cfg, steps=3)``). Without one, the keywords alone (defaults as listed).
 
     Options (keywords, or fields of ``config``):
-        objective: an :class:`~flowaug.Objective` or a name (``"sinkhorn"``, ``"mmd"``, ``"energy"``,
-            ``"laplacian"``, ``"sliced"``). Compose with ``+`` and ``*``.
+        objective: an :class:`~flowaug.Objective` or a name (:data:`flowaug.objectives.OBJECTIVES`:
+            ``"sinkhorn"`` or its alias ``"otdd"``, ``"mmd"`` or ``"gaussian"`` (Gaussian MMD), ``"energy"``,
+            ``"laplacian"``, ``"linear"`` (mean matching), ``"sliced"``). Compose with ``+`` and ``*``.
         steps: number of Euler steps; total flow time is ``steps * step_size``.
         step_size: tau. For Sinkhorn, tau = 1 moves a point by its full barycentric displacement.
         labels: ``"fixed"`` (only features move; labels returned unchanged) or ``"flow"`` (the label

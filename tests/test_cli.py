@@ -93,6 +93,16 @@ class TestMain:
         assert distance_help["--covariance"].endswith("(default: diag)")
         assert distance_help["--label-weight"].endswith("(default: 1.0)")
 
+    def test_flow_objective_choices_are_every_objective_name(self, capsys):
+        """Issue 26: --objective missed linear (and gaussian, otdd), which flow() accepts."""
+        from flowaug.objectives import OBJECTIVES
+
+        entry = help_entries("flow", capsys)["--objective"]
+        assert all(name in entry for name in ("linear", "gaussian", "otdd"))
+        assert cli._parser().parse_args(["flow", "a", "b", "--objective", "linear"]).objective == "linear"
+        assert set(next(a for a in cli._parser()._actions if a.dest == "command").choices["flow"]._option_string_actions[
+            "--objective"].choices) == set(OBJECTIVES)
+
     def test_flow_and_distance_default_to_the_same_split(self, capsys):
         parser = cli._parser()
         assert parser.parse_args(["flow", "a", "b"]).split == parser.parse_args(["distance", "a", "b"]).split == "train"
