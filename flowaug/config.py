@@ -244,7 +244,7 @@ def _feed(h, value, depth: int) -> None:
     elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     elif isinstance(value, (list, tuple)):
         for v in value:
             _feed(h, v, depth + 1)

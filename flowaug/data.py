@@ -63,6 +63,8 @@ def as_float_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def _label_of(item, index: int, name: str) -> torch.Tensor:
+    if not isinstance(item, (torch.Tensor, np.ndarray, int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}[{index}] label must be a class id (an int) or a soft-label vector, got {describe(item)}")
     label = to_tensor(item) if not isinstance(item, (int, np.integer)) else torch.tensor(int(item))
     if label.ndim > 1:
         raise ValueError(f"{name}[{index}] label must be a class id or a soft-label vector, got shape {tuple(label.shape)}")

@@ -41,12 +41,14 @@ def _as_image(t: torch.Tensor):
 
 
 def image_grid(rows: Sequence[torch.Tensor], path: str, *, row_labels: Sequence[str] | None = None,
-               columns: int = 12, title: str | None = None, cmap: str = "gray") -> str:
+               columns: int = 12, title: str | None = None, cmap: str = "gray",
+               column_labels: Sequence[str] | None = None) -> str:
     """A grid whose rows are batches of images (e.g. snapshots along a flow, then the reference).
 
     Args:
         rows: each (N, C, H, W) or (N, H, W); the first ``columns`` images of each are drawn.
         row_labels: text at the left of each row (e.g. ``"t = 0.5"``).
+        column_labels: text above each column (e.g. class names).
     """
     plt = _plt()
     n_rows = len(rows)
@@ -63,6 +65,8 @@ def image_grid(rows: Sequence[torch.Tensor], path: str, *, row_labels: Sequence[
                 spine.set_visible(False)
         if row_labels:
             axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=9)
+    for c, text in enumerate(list(column_labels or [])[:cols]):
+        axes[0][c].set_title(text, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
