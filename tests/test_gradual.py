@@ -170,7 +170,7 @@ class TestAdapt:
                         train_encoder=train_encoder, generator=torch.Generator().manual_seed(0),
                         on_path=lambda *a: seen.append(a))
         assert acc(adapted, *target_test) > 0.95 and not adapted.training
-        assert [s[0] for s in seen] == [0, 1, 2, 3] and all(len(s[3]) == 2 for s in seen)
+        assert [s[0] for s in seen] == [0, 1, 2, 3] and all(len(s[4].domains) == 2 for s in seen)
 
     def test_arguments_not_changed(self):
         source = blobs(0.0)
@@ -185,3 +185,78 @@ class TestAdapt:
             adapt(model[0], model[1], blobs(0.0), [])
         with pytest.raises(ValueError, match="domains must be a non-empty list"):
             adapt(model[0], model[1], blobs(0.0), torch.stack([blobs(10.0)[0], blobs(20.0)[0]]))
+
+    def test_refusals_name_the_input(self):
+        source = blobs(0.0)
+        model = self_train(linear_model(), *source, epochs=5, generator=torch.Generator().manual_seed(0))
+        enc, head = model[0], model[1]
+        x = blobs(20.0)[0]
+        with pytest.raises(ValueError, match=r"domains\[1\] must be a float tensor .* N >= 2"):
+            adapt(enc, head, source, [x, x[:1]], generated=1, epochs=1)
+        with pytest.raises(ValueError, match=r"domains\[0\] must be a float tensor"):
+            adapt(enc, head, source, [x[:0]], generated=1, epochs=1)
+        with pytest.raises(TypeError, match=r"domains\[0\] has dtype torch.float16"):
+            adapt(enc, head, source, [x.half()], generated=1, epochs=1)
+        bad = x.clone()
+        bad[3, 1] = float("nan")
+        with pytest.raises(ValueError, match=r"domains\[0\]"):
+            adapt(enc, head, source, [bad], generated=1, epochs=1)
+        with pytest.raises(ValueError, match="source labels go up to 2 but the head outputs 2 classes"):
+            adapt(enc, head, (source[0], torch.where(source[1] == 1, 2, 0)), [x], generated=1, epochs=1)
+        with pytest.raises(TypeError, match="source must be an \\(x, y\\) pair"):
+            adapt(enc, head, source[0], [x], generated=1, epochs=1)
+
+    @pytest.mark.parametrize("out", [1, 0])
+    def test_one_logit_and_flat_heads_are_refused(self, out):
+        head = nn.Sequential(nn.Linear(2, 1), nn.Flatten(0)) if out == 0 else nn.Linear(2, 1)
+        with pytest.raises(ValueError, match=r"\(N, K\) class logits with K >= 2.*nn.Linear\(d, 2\)"):
+            adapt(nn.Identity(), head, blobs(0.0), [blobs(20.0)[0]], generated=1, epochs=1)
+
+    def test_an_untrained_source_model_is_said(self):
+        from flowaug._checks import FlowWarning
+
+        model = linear_model()
+        nn.init.zeros_(model[1].weight), nn.init.zeros_(model[1].bias)  # as if never trained: always class 0
+        with pytest.warns(FlowWarning, match=r"scores 50.0 % on its own source data .* train it on the source first"):
+            adapt(model[0], model[1], blobs(0.0), [blobs(20.0)[0]], generated=0, epochs=1)
+
+    def test_a_tensor_dataset_source_is_the_same_as_the_pair(self):
+        source = blobs(0.0)
+        model = self_train(linear_model(), *source, epochs=5, generator=torch.Generator().manual_seed(0))
+        runs = [adapt(model[0], model[1], src, [blobs(30.0)[0]], generated=1, epochs=1,
+                      generator=torch.Generator().manual_seed(1))
+                for src in (source, torch.utils.data.TensorDataset(*source))]
+        assert all(torch.equal(a, b) for a, b in zip(params(runs[0]), params(runs[1])))
+
+
+class TestWalk:
+    @pytest.mark.parametrize("train_encoder", [True, False])
+    def test_a_walk_resumed_from_any_stage_ends_exactly_as_the_whole_walk(self, train_encoder):
+        from flowaug.gradual import WalkOptions, walk
+
+        source = blobs(0.0, n=60)
+        domains = [blobs(a, n=60, seed=5 + a)[0] for a in (30, 60)]
+        model = nn.Sequential(nn.Linear(2, 4), nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(4, 2)))
+        model = self_train(model, *source, epochs=10, lr=0.05, generator=torch.Generator().manual_seed(0))
+        opts = WalkOptions(generated=2, epochs=2, lr=0.05, batch_size=16, train_encoder=train_encoder)
+        states = []
+        whole = walk(model[0], model[1], source, domains, opts, generator=torch.Generator().manual_seed(7),
+                     on_stage=states.append)
+        assert len(states) == 2 * 3 and [(s["gap"], s["stage"]) for s in states[:3]] == [(0, 1), (0, 2), (1, 0)]
+        for state in (states[0], states[2], states[4]):
+            g = torch.Generator()
+            resumed = walk(model[0], model[1], source, domains, opts, generator=g, state=state)
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params(whole), params(resumed)))
+
+    def test_the_three_paths_share_the_walk(self):
+        from flowaug.paths import PlanPath, entropic_path
+
+        source = blobs(0.0)
+        model = self_train(linear_model(), *source, epochs=10, lr=0.05, generator=torch.Generator().manual_seed(0))
+        seen = {}
+        for name, path in (("plan", PlanPath()), ("entropic", entropic_path())):
+            adapt(model[0], model[1], source, [blobs(40.0)[0]], generated=2, epochs=1, path=path,
+                  on_path=lambda gap, enc, fa, fb, p, name=name: seen.setdefault(name, p))
+        assert len(seen["plan"].rows) >= 200 and torch.equal(seen["entropic"].rows, torch.arange(200))
+        with pytest.raises(ValueError, match="flow_options or path, not both"):
+            adapt(model[0], model[1], source, [blobs(40.0)[0]], path=PlanPath(), flow_options={"steps": 2})
