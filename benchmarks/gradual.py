@@ -46,37 +46,109 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import append, machine, markdown_table, paired, run_parallel, write_json
 
 from flowaug.data import load_dataset
-from flowaug.gradual import _encode, adapt, domain_times, flow_domains, pseudo_labels, self_train
+from flowaug.gradual import WalkOptions, _encode, adapt, domain_times, pseudo_labels, self_train, walk
+from flowaug.paths import PlanPath
 
-SOURCE, POOL, TARGET = 5000, 42000, 2000  # Kumar et al.'s rotating-MNIST sizes; domains of DOMAIN images
-DOMAIN = 2000
-#: the flowaug candidate reported as the recipe: the choice of benchmarks/gradual_select.py on development shifts
-RECIPE = "flowaug, encoder retrained, 20 per gap"
+SOURCE, DOMAIN = 5000, 2000  # Kumar et al.'s rotating-MNIST sizes: source, and each domain (given, target, real
+SELECTION = os.path.join(os.path.dirname(__file__), "results", "gradual_select.json")
+POOL_DOMAINS = 21  # intermediate); the oracle walks up to 21 real intermediates (fewer where the dataset is small)
 
+#: the candidate families of benchmarks/gradual_select.py, each with as many development candidates; their best
+#: on the development shifts is what the evaluation runs (--recipes-from restores them)
+CANDIDATES = {
+    "flowaug": ["flow:K=20:steps=3:retrain", "flow:K=20:steps=10:retrain", "flow:K=20:steps=10:cls=3:retrain",
+                "flow:K=20:steps=10:cls=10:retrain"],
+    "goat_path": ["plan:K=5:retrain", "plan:K=10:retrain", "plan:K=20:retrain", "plan:K=30:retrain"],
+    "entropic": ["entropic:K=5:retrain", "entropic:K=10:retrain", "entropic:K=20:retrain", "entropic:K=30:retrain"],
+}
+#: until a selection file says otherwise (gradual_select.py writes benchmarks/results/gradual_select.json)
+CHOSEN = {"flowaug": "flow:K=20:steps=3:retrain", "goat_path": "plan:K=10:retrain",
+          "entropic": "entropic:K=20:retrain"}
 
-def generated_of(name: str, args) -> int:
-    """Domains generated per gap by a method: 20 where its name says so, else --generated."""
-    return 20 if name.endswith("20 per gap") else args.generated
-#: name -> kind ("flowaug": a candidate; the one --recipe names is reported as flowaug, the others as ablations)
+#: name -> kind; the walks' specs come from the selection (flowaug, GOAT's path, the entropic map) or are fixed
 METHODS = {
     "source only": "baseline",
     "direct self-training": "baseline",
     "gradual, given domains": "baseline",
-    "gradual, given domains, head only": "baseline",
     "gradual, given domains, head only, matched steps": "baseline",
     "GOAT": "baseline",
     "GOAT path, gradual schedule": "baseline",
+    "entropic map path, gradual schedule": "baseline",
+    "skada GradualEstimator (GOAT, MLP head on source features)": "baseline",
     "oracle: all real intermediates": "oracle",
-    "flowaug": "flowaug",
-    "flowaug, class-wise (pseudo-labels)": "flowaug",
-    "flowaug, labels carried": "flowaug",
-    # added after the first seeds were seen (appended: the earlier methods' random streams are unchanged)
     "oracle: all real intermediates, head only": "oracle",
-    "flowaug, encoder retrained": "flowaug",
-    # added with the selection's choice (20 flow domains per gap), and GOAT's path at that count too
-    "GOAT path, gradual schedule, 20 per gap": "baseline",
-    "flowaug, encoder retrained, 20 per gap": "flowaug",
+    "flowaug": "flowaug",
+    "flowaug without debiasing": "ablation",
+    "flowaug without classifier potential": "ablation",
+    "flowaug, source encoder fixed": "ablation",
 }
+
+
+def spec_options(spec: str) -> dict:
+    """A walk's options from its spec ``family:K=k[:steps=s][:cls=w][:retrain][:cw][:carry][:nodebias]``."""
+    family, *parts = spec.split(":")
+    opts = {"family": family, "generated": 10, "steps": 3, "classifier_weight": 0.0, "train_encoder": False,
+            "label_aware": False, "carry_labels": False, "debias": True}
+    keys = {"K": ("generated", int), "steps": ("steps", int), "cls": ("classifier_weight", float)}
+    flags = {"retrain": "train_encoder", "cw": "label_aware", "carry": "carry_labels"}
+    for part in parts:
+        if "=" in part:
+            key, value = part.split("=")
+            name, cast = keys[key]
+            opts[name] = cast(value)
+        elif part == "nodebias":
+            opts["debias"] = False
+        else:
+            opts[flags[part]] = True
+    return opts
+
+
+def spec_of(opts: dict) -> str:
+    """The inverse of :func:`spec_options`."""
+    out = [opts["family"], f"K={opts['generated']}"]
+    if opts["family"] == "flow":
+        out.append(f"steps={opts['steps']}")
+        if opts["classifier_weight"]:
+            out.append(f"cls={opts['classifier_weight']:g}")
+        if not opts["debias"]:
+            out.append("nodebias")
+    out += [flag for flag, key in (("retrain", "train_encoder"), ("cw", "label_aware"), ("carry", "carry_labels"))
+            if opts[key]]
+    return ":".join(out)
+
+
+def path_of(opts: dict):
+    """The path function a spec names (one walk, three paths)."""
+    from flowaug import Sinkhorn
+    from flowaug.paths import FlowPath, entropic_path
+
+    if opts["family"] == "plan":
+        return PlanPath()
+    if opts["family"] == "entropic":
+        return entropic_path()
+    return FlowPath(objective=Sinkhorn(debias=opts["debias"]), steps=opts["steps"],
+                    classifier_weight=opts["classifier_weight"])
+
+
+def method_spec(args, name: str) -> str | None:
+    """The spec a walk method runs (None: not a generated-path walk)."""
+    chosen = args.chosen
+    if name == "GOAT":
+        return "plan:K=10"  # as published: the source encoder fixed, 10 per gap (He et al.'s MNIST setting)
+    if name == "GOAT path, gradual schedule":
+        return chosen["goat_path"]
+    if name == "entropic map path, gradual schedule":
+        return chosen["entropic"]
+    if not name.startswith("flowaug"):
+        return None
+    opts = spec_options(chosen["flowaug"])
+    if name == "flowaug without debiasing":
+        opts["debias"] = False
+    elif name == "flowaug without classifier potential":
+        opts["classifier_weight"] = 0.0
+    elif name == "flowaug, source encoder fixed":
+        opts["train_encoder"] = False
+    return spec_of(opts)
 
 
 # ---------------------------------------------------------------------- data
@@ -100,37 +172,39 @@ def shift(args, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
 
 
 def build(args, seed: int) -> dict:
-    """Source, given domains, real intermediates, target and the target test split for one seed."""
+    """Source, given domains, real intermediates, target, a validation split carved from train (development
+    selection scores on it) and the target test split (the evaluation scores on it) for one seed."""
     x, y = load_dataset(args.dataset, "train", data_dir=args.data)
     xt, yt = load_dataset(args.dataset, "test", data_dir=args.data)
     x, xt = x.float().div(255), xt.float().div(255)  # (N, 1, H, W)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
-    s, p, t = args.sizes
-    spare = len(x) - (s + 1000 + t + args.given * args.domain)
-    if spare < p:  # a smaller dataset than MNIST: fewer real intermediates for the oracle, said once
-        p = (spare // args.domain) * args.domain
-        if p < 2 * args.domain:
-            raise SystemExit(f"--dataset {args.dataset}: {len(x)} training images are too few for these domain sizes")
-        if seed == 0:
-            print(f"{args.dataset}: {len(x)} training images: the oracle walks {p // args.domain} real intermediates")
-    ends = [s, s + 1000, s + 1000 + p, s + 1000 + p + t]
-    src, pool, tgt, rest = perm[:ends[0]], perm[ends[1]:ends[2]], perm[ends[2]:ends[3]], perm[ends[3]:]
+    s, d = args.sizes
+    v = min(1000, d)  # validation images (train split, shifted like the target)
+    spare = len(x) - (s + v + d + args.given * d)
+    p = min(POOL_DOMAINS, spare // d) * d  # a smaller dataset than MNIST: fewer real intermediates for the oracle
+    if p < 2 * d:
+        raise SystemExit(f"--dataset {args.dataset}: {len(x)} training images are too few for --sizes {s} {d}")
+    ends = [s, s + v, s + v + p, s + v + p + d]
+    src, val, pool, tgt, rest = perm[:ends[0]], perm[ends[0]:ends[1]], perm[ends[1]:ends[2]], perm[ends[2]:ends[3]], \
+        perm[ends[3]:]
     band = 5.0 / args.angle if args.shift == "rotate" else 0.0  # rotation domains span 5 degrees
     u = lambda n: torch.rand(n, generator=g)
     lo_t = 1 - band
     data = {"source": (shift(args, x[src], u(len(src)) * band), y[src]),
             "target": (shift(args, x[tgt], lo_t + u(len(tgt)) * band), y[tgt]),
-            "test": (shift(args, xt, lo_t + u(len(xt)) * band), yt)}
+            "test": (shift(args, xt, lo_t + u(len(xt)) * band), yt),
+            "val": (shift(args, x[val], lo_t + u(len(val)) * band), y[val]),
+            "oracle_domains": p // d}
     # real fine-grained intermediates: the level grows with the index from the source band to the target band
     level = band + (1 - 2 * band) * torch.arange(len(pool)) / len(pool)
     xp = shift(args, x[pool], level)
-    data["pool"] = [(xp[i:i + args.domain], y[pool][i:i + args.domain]) for i in range(0, len(pool), args.domain)]
+    data["pool"] = [(xp[i:i + d], y[pool][i:i + d]) for i in range(0, len(pool), d)]
     data["pool_x"], data["pool_level_each"] = xp, level
     data["level_unit"] = args.angle if args.shift == "rotate" else args.color_shift
     given = []
     for k in range(1, args.given + 1):
-        idx = rest[(k - 1) * args.domain:k * args.domain]
+        idx = rest[(k - 1) * d:k * d]
         centre = k / (args.given + 1)
         given.append((shift(args, x[idx], centre - band / 2 + u(len(idx)) * band), y[idx]))
     data["given"] = given
@@ -177,18 +251,6 @@ def st_through(args, model, domains, g) -> tuple[nn.Module, int]:
     return model, sum(steps_of(len(x), args) for x in domains)
 
 
-def ot_path(f_a: torch.Tensor, f_b: torch.Tensor, n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """GOAT's generated domains: points interpolated along the exact OT plan (squared Euclidean cost)."""
-    import ot
-
-    cost = torch.cdist(f_a.double(), f_b.double()).square()
-    plan = torch.from_numpy(ot.emd(torch.full((len(f_a),), 1 / len(f_a), dtype=torch.float64).numpy(),
-                                   torch.full((len(f_b),), 1 / len(f_b), dtype=torch.float64).numpy(),
-                                   cost.numpy(), numItermax=10**7))
-    i, j = torch.nonzero(plan > 0, as_tuple=True)
-    return [torch.lerp(f_a[i], f_b[j], t) for t in domain_times(n)], i
-
-
 def pairing(f_last: torch.Tensor, f_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> float:
     """Same-class rate: the class of the next domain's sample nearest to each particle (true labels)."""
     return float((y_b[torch.cdist(f_last, f_b).argmin(1)] == y_a).float().mean())
@@ -204,64 +266,71 @@ def walk_steps(args, chain, k: int, filtered: bool = True) -> int:
     return sum(k * steps_of(len(a), args, filtered) + steps_of(len(b), args) for (a, _), (b, _) in pairwise(chain))
 
 
-def goat(args, model, data, g, reencode: bool, levels=None, k: int | None = None) -> tuple[nn.Module, int, list]:
-    """GOAT as published (reencode=False), or its OT-plan path in flowaug's schedule (reencode=True); ``k``
-    domains per gap (default --generated)."""
-    k = args.generated if k is None else k
-    chain = chain_of(data)
-    steps, rates = 0, []
-    encoder, head = model[0], model[1]
-    for (x_a, y_a), (x_b, y_b) in pairwise(chain):
-        f_a, f_b = _encode(encoder, x_a), _encode(encoder, x_b)
-        path, i = ot_path(f_a, f_b, k)
-        rates.append(pairing(path[-1], f_b, y_a[i], y_b))
-        if levels is not None:
-            levels.append(levels_of(path, data, g))
-        for f in path + ([] if reencode else [f_b]):
-            head = self_train(head, f, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
-                              confidence=args.confidence, generator=g)
-            steps += steps_of(len(f), args)
-        if reencode:
-            whole = self_train(nn.Sequential(encoder, head), x_b, epochs=args.epochs, batch_size=args.batch,
-                               lr=args.lr, confidence=args.confidence, generator=g)
-            encoder, head = whole[0], whole[1]
-            steps += steps_of(len(x_b), args)
-    return nn.Sequential(encoder, head), steps, rates
+def walk_method(args, model, data, g, spec: str, diagnose: bool = True) -> tuple[nn.Module, int, dict]:
+    """One gradual walk (:func:`flowaug.gradual.walk`, the implementation behind ``adapt``) with the path function
+    and options a spec names; the optimizer steps it took and, per gap, its same-class pairing, the measured
+    levels of its generated domains and of the real domain it walks to."""
+    opts = spec_options(spec)
+    options = WalkOptions(generated=opts["generated"], path=path_of(opts), label_aware=opts["label_aware"],
+                          carry_labels=opts["carry_labels"], train_encoder=opts["train_encoder"], epochs=args.epochs,
+                          batch_size=args.batch, lr=args.lr, confidence=args.confidence)
+    chain, steps, diag = chain_of(data), [0], {"pairing": [], "path_levels": [], "next_domain_level": []}
+
+    def train(module, x, labels, generator):
+        steps[0] += steps_of(len(x), args, filtered=labels is None)
+        return options.train_step(module, x, labels, generator)
+
+    def on_path(gap, encoder, f_a, f_b, path):
+        if not diagnose:
+            return
+        diag["pairing"].append(pairing(path.domains[-1], f_b, chain[gap][1][path.rows], chain[gap + 1][1]))
+        pool = _encode(encoder, data["pool_images"])  # (n, D): real intermediates in the path's own features
+        diag["path_levels"].append(levels_of(path.domains, data, pool, g))
+        diag["next_domain_level"].append(levels_of([f_b], data, pool, g)[0])
+
+    out = walk(model[0], model[1], data["source"], [x for x, _ in chain[1:]], options, train=train, generator=g,
+               on_path=on_path)
+    return out, steps[0], diag
 
 
-def flowaug_options(name: str) -> dict:
-    return {"label_aware": "class-wise" in name, "carry_labels": "carried" in name,
-            "train_encoder": "retrained" in name}
+def skada_goat(args, model, data, seed: int) -> nn.Module:
+    """What a scikit-adaptation (skada 0.6) user gets: ``GradualEstimator`` (GOAT with POT's Sinkhorn plan, its
+    default MLP head trained on the source, then through its generated domains) on the source encoder's features of
+    the source and the target (it takes two domains: the given ones are not used)."""
+    import numpy as np
+    from sklearn.neural_network import MLPClassifier
+    from skada._gradual_da import GradualEstimator  # not exported at the top level in 0.6
+
+    f_s, f_t = _encode(model[0], data["source"][0]).numpy(), _encode(model[0], data["target"][0]).numpy()
+    x = np.concatenate([f_s, f_t])
+    y = np.concatenate([data["source"][1].numpy(), np.full(len(f_t), -1)])
+    domain = np.concatenate([np.ones(len(f_s)), -np.ones(len(f_t))]).astype(int)
+    head = MLPClassifier(hidden_layer_sizes=(100,), max_iter=100, random_state=seed)  # skada's default, seeded
+    est = GradualEstimator(base_estimator=head).fit(x, y, sample_domain=domain)
+    return _SklearnHead(model[0], est)
 
 
-def flowaug_recipe(args, model, data, g, name: str, levels=None) -> tuple[nn.Module, int, list[float]]:
-    """:func:`flowaug.gradual.adapt` with the options the method's name gives (see :func:`flowaug_options`)."""
-    chain = chain_of(data)
-    rates = []
+class _SklearnHead(nn.Module):
+    """The source encoder followed by a fitted scikit-learn classifier, scored like the other models."""
 
-    def on_path(pair, f_a, f_b, path):
-        rates.append(pairing(path[-1], f_b, chain[pair][1], chain[pair + 1][1]))
-        if levels is not None:
-            levels.append(levels_of(path, data, g))
+    def __init__(self, encoder, estimator):
+        super().__init__()
+        self.encoder, self.estimator = encoder, estimator
 
-    opts = flowaug_options(name)
-    k = generated_of(name, args)
-    out = adapt(model[0], model[1], data["source"], [x for x, _ in chain[1:]], generated=k,
-                epochs=args.epochs, batch_size=args.batch, lr=args.lr, confidence=args.confidence, generator=g,
-                on_path=on_path, **opts)
-    # with train_encoder, the real domains' steps train the whole model
-    return out, walk_steps(args, chain, k, filtered=not opts["carry_labels"]), rates
+    def forward(self, x):
+        proba = self.estimator.predict_proba(self.encoder(x).numpy())
+        return torch.log(torch.as_tensor(proba, dtype=torch.float32).clamp_min(1e-12))
 
 
-def levels_of(path, data, g, sample: int = 500) -> list[float]:
-    """Diagnostic: the mean shift level (degrees, or pixel offset) of the real intermediate image nearest (source
-    features) to each of ``sample`` particles, per generated domain: does the path pass through the real ones?"""
-    f_pool, level = data["pool_features"], data["pool_levels"]
-    scale = data["level_unit"]
+def levels_of(path, data, pool, g, sample: int = 500) -> list[float]:
+    """Diagnostic: the mean shift level (degrees, or pixel offset) of the real intermediate image nearest to each of
+    ``sample`` particles, per generated domain, with the real intermediates encoded as ``pool`` (n, D) by the
+    path's own encoder: does the path pass through the real ones, and does it arrive?"""
+    level, scale = data["pool_levels"], data["level_unit"]
     out = []
     for f in path:
         idx = torch.randperm(len(f), generator=g)[:sample]
-        out.append(scale * float(level[torch.cdist(f[idx], f_pool).argmin(1)].mean()))
+        out.append(scale * float(level[torch.cdist(f[idx], pool).argmin(1)].mean()))
     return out
 
 
@@ -276,9 +345,12 @@ def head_walk(args, model, data, xs, g, budget: int = 0) -> tuple[nn.Module, int
 
 
 def run_method(args, name: str, source_model, data, seed: int) -> dict:
+    """One method's record on one seed: accuracy on ``args.score`` ("test": the target's test split; "val": the
+    validation split carved from train, for development selection), its optimizer steps and diagnostics."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed * 1000 + list(METHODS).index(name))
-    steps, rates, levels = 0, None, ([] if name in ("GOAT", "flowaug") else None)
+    steps, diag, spec = 0, {}, method_spec(args, name)
+    real = [x for x, _ in data["pool"]] + [data["target"][0]]  # the oracle's walk
     if name == "source only":
         model = source_model
     elif name == "direct self-training":
@@ -286,23 +358,21 @@ def run_method(args, name: str, source_model, data, seed: int) -> dict:
     elif name == "gradual, given domains":
         model, steps = st_through(args, source_model, [x for x, _ in data["given"]] + [data["target"][0]], g)
     elif name == "oracle: all real intermediates":
-        model, steps = st_through(args, source_model, [x for x, _ in data["pool"]] + [data["target"][0]], g)
+        model, steps = st_through(args, source_model, real, g)
     elif name == "oracle: all real intermediates, head only":  # what a fixed source encoder allows at best
-        model, steps = head_walk(args, source_model, data, [x for x, _ in data["pool"]] + [data["target"][0]], g)
-    elif name.startswith("gradual, given domains, head only"):  # matched: as many steps as the recipe's walk
-        budget = walk_steps(args, chain_of(data), generated_of(args.recipe, args)) if "matched" in name else 0
+        model, steps = head_walk(args, source_model, data, real, g)
+    elif name == "gradual, given domains, head only, matched steps":  # as many steps as the recipe's walk
+        budget = walk_steps(args, chain_of(data), spec_options(args.chosen["flowaug"])["generated"])
         model, steps = head_walk(args, source_model, data, [x for x, _ in chain_of(data)[1:]], g, budget)
-    elif name.startswith("GOAT"):
-        model, steps, rates = goat(args, source_model, data, g, reencode=name != "GOAT", levels=levels,
-                                   k=generated_of(name, args))
+    elif name.startswith("skada"):
+        model = skada_goat(args, source_model, data, seed)
     else:
-        model, steps, rates = flowaug_recipe(args, source_model, data, g, name, levels=levels)
-    record = {"seed": seed, "method": name, "accuracy": accuracy(model, *data["test"]), "adaptation_steps": steps,
+        model, steps, diag = walk_method(args, source_model, data, g, spec, diagnose=args.score == "test")
+    record = {"seed": seed, "method": name, "accuracy": accuracy(model, *data[args.score]), "adaptation_steps": steps,
               "seconds": time.perf_counter() - start}  # one thread, with the diagnostics
-    if rates is not None:
-        record["pairing"] = rates
-    if levels:
-        record["path_levels"] = levels
+    if spec:
+        record["spec"] = spec
+    record.update({k: v for k, v in diag.items() if v})
     return record
 
 
@@ -317,7 +387,7 @@ def cell(args, seed: int) -> None:
     pool_sample(data, source_model, seed)
     for name in todo:
         record = run_method(args, name, source_model, data, seed)
-        print(f"seed {seed}  {name:34s} {record['accuracy']:6.2f}  steps {record['adaptation_steps']}", flush=True)
+        print(f"seed {seed}  {name:58s} {record['accuracy']:6.2f}  steps {record['adaptation_steps']}", flush=True)
         append(args.cells, record)
 
 
@@ -336,7 +406,7 @@ def draw(args) -> None:
 def pool_sample(data, model, seed: int, n: int = 10000) -> None:
     """Source-encoder features of n real intermediates with their levels: for the diagnostics and the picture."""
     sub = torch.randperm(len(data["pool_x"]), generator=torch.Generator().manual_seed(seed))[:n]
-    data["pool_features"] = _encode(model[0], data["pool_x"][sub])  # (n, D)
+    data["pool_features"] = _encode(model[0], data["pool_x"][sub])  # (n, D), source encoder (the picture)
     data["pool_levels"], data["pool_images"] = data["pool_level_each"][sub], data["pool_x"][sub]
 
 
@@ -353,11 +423,13 @@ def picture(args, data, model, png: str, digits: int = 4, columns: int = 5) -> N
 
     (x_a, y_a), (x_b, _) = data["source"], (data["given"] + [data["target"]])[0]
     f_a, f_b = _encode(model[0], x_a), _encode(model[0], x_b)
-    n = generated_of(args.recipe, args)  # both paths at the recipe's count
+    opts = spec_options(args.chosen["flowaug"])
+    n = opts["generated"]  # both paths at the recipe's count, in the source encoder's features
     times = domain_times(n)
     keep = sorted({round(k * (len(times) - 1) / (columns - 1)) for k in range(columns)})
-    flow_path = flow_domains(f_a, f_b, n, generator=torch.Generator().manual_seed(0))
-    goat_path, rows = ot_path(f_a, f_b, n)
+    flow_path = path_of(opts)(f_a, f_b, times, y_from=y_a, classifier=model[1],
+                              generator=torch.Generator().manual_seed(0)).domains
+    goat_path, rows = PlanPath()(f_a, f_b, times)
     end_level = 1 / (args.given + 1) if args.given else 1.0  # the first domain's level
     unit = data["level_unit"]
     fig, axes = plt.subplots(3 * digits, len(keep), figsize=(1.3 * len(keep), 1.45 * 3 * digits))
@@ -406,14 +478,15 @@ def summarise(args) -> dict:
     for name in [m for m in args.methods if m in runs]:
         rs = [runs[name][s] for s in sorted(runs[name])]
         acc = [r["accuracy"] for r in rs]
-        kind = METHODS[name] if METHODS[name] != "flowaug" or name == args.recipe else "ablation"
-        rec = {"method": name, "kind": kind, "mean": statistics.mean(acc),
+        rec = {"method": name, "kind": METHODS[name], "mean": statistics.mean(acc),
                "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                "runs": [{"seed": r["seed"], "accuracy": r["accuracy"]} for r in rs],
                "adaptation_steps": rs[0]["adaptation_steps"]}
         if all("seconds" in r for r in rs):
             rec["seconds_median"] = statistics.median(r["seconds"] for r in rs)
-        for key in ("pairing", "path_levels"):
+        if "spec" in rs[0]:
+            rec["spec"] = rs[0]["spec"]
+        for key in ("pairing", "path_levels", "next_domain_level"):
             if key in rs[0]:
                 rec[key] = torch.tensor([r[key] for r in rs]).mean(0).tolist()  # per gap (and generated domain)
         records.append(rec)
@@ -428,12 +501,35 @@ def summarise(args) -> dict:
             rec["vs_best_baseline"] = {"baseline": best["method"], "mean_diff": d["mean_diff"], "ci95": d["ci95"]}
             if oracle and best["mean"] < oracle["mean"]:
                 rec["gap_closed"] = (rec["mean"] - best["mean"]) / (oracle["mean"] - best["mean"])
+                rec["gap_closed_ci95"] = gap_closed_interval(rec, best, oracle)
     return {"records": records, "best_baseline": best["method"] if best else None,
             "given_vs_oracle": (oracle["mean"] - given["mean"]) if oracle and given else None}
 
 
+def build_counts(args) -> int:
+    """Real intermediates the oracle walks at these sizes (from the dataset's size, as :func:`build` counts)."""
+    n = len(load_dataset(args.dataset, "train", data_dir=args.data)[1])
+    s, d = args.sizes
+    return min(POOL_DOMAINS, (n - (s + min(1000, d) + d + args.given * d)) // d)
+
+
+def gap_closed_interval(rec, best, oracle, draws: int = 10000) -> list[float] | None:
+    """95 % percentile-bootstrap interval (over paired seeds) of the fraction of the best baseline's gap to the
+    oracle that ``rec`` closes."""
+    acc = {r["method"]: {x["seed"]: x["accuracy"] for x in r["runs"]} for r in (rec, best, oracle)}
+    seeds = sorted(set.intersection(*(set(v) for v in acc.values())))
+    if len(seeds) < 2:
+        return None
+    m, b, o = (torch.tensor([acc[r["method"]][s] for s in seeds]) for r in (rec, best, oracle))
+    idx = torch.randint(0, len(seeds), (draws, len(seeds)), generator=torch.Generator().manual_seed(0))
+    gap = (o[idx] - b[idx]).mean(1)
+    ratio = ((m[idx] - b[idx]).mean(1) / gap)[gap > 0]
+    return [float(ratio.quantile(0.025)), float(ratio.quantile(0.975))]
+
+
 def report(args) -> dict:
     summary = summarise(args)
+    args.oracle_domains = build_counts(args)
     rows = []
     for r in summary["records"]:
         vs = r.get("vs_best_baseline")
@@ -446,22 +542,22 @@ def report(args) -> dict:
     payload = {
         "dataset": args.dataset, "shift": args.shift, "angle": args.angle if args.shift == "rotate" else None,
         "color_shift": args.color_shift if args.shift == "color" else None, "given": args.given,
-        "selection": "benchmarks/gradual_select.py: the candidate with the best mean accuracy on development shifts "
-                     "(rotation 0 -> 45 degrees, given 15 and 30; colour +0.75, given +0.25 and +0.5; seeds 100-101, "
-                     "which the evaluation never uses), scored on those shifts' own labelled test splits; no label "
-                     "of an evaluated target chose anything. Disclosed: the encoder-retrained candidates entered the "
-                     "selection after the first evaluation runs (with 'flowaug, encoder retrained' at 10 per gap) "
-                     "had been seen; GOAT's own best candidate there was its path in the gradual schedule, 10 per gap",
-        "recipe": {"method": args.recipe, "generated": generated_of(args.recipe, args), **flowaug_options(args.recipe),
-                   "flow": "flowaug.gradual.PATH_DEFAULTS (Sinkhorn, auto blur, 3 steps of 1, features only)",
-                   "schedule": "linear"},
-        "protocol": {"generated_per_gap_unless_named": args.generated, "epochs_per_domain": args.epochs,
-                     "source_epochs": args.source_epochs, "batch": args.batch,
-                     "lr": args.lr, "confidence_filter": args.confidence, "sizes": dict(zip(
-                         ("source", "pool", "target"), args.sizes)), "domain": args.domain, "quick": args.quick,
+        "selection": args.selection_note,
+        "recipe": {"method": "flowaug", "spec": args.chosen["flowaug"], **spec_options(args.chosen["flowaug"]),
+                   "flow": "flowaug.paths.FlowPath: Sinkhorn (auto blur 0.2 x median distance), step_size 1, "
+                           "features only, plus classifier_weight x CE(head(x), y) at the particles' labels",
+                   "schedule": "linear", "chosen": dict(args.chosen)},
+        "protocol": {"epochs_per_domain": args.epochs, "source_epochs": args.source_epochs, "batch": args.batch,
+                     "lr": args.lr, "confidence_filter": args.confidence, "seeds": args.seeds,
+                     "sizes": {"source": args.sizes[0], "domain": args.sizes[1]}, "quick": args.quick,
+                     "oracle_real_intermediates": args.oracle_domains,
                      "budget": "every self-training step: --epochs epochs over the kept samples of one domain; "
-                               "GOAT and flowaug walk (given + 1) x (generated + 1) domains, the oracle all 22 "
-                               "real ones; adaptation_steps gives each method's optimizer steps"},
+                               "the walks go through (given + 1) x (generated + 1) domains, the oracle through "
+                               "every real intermediate and the target; adaptation_steps gives each method's "
+                               "optimizer steps (skada trains its own scikit-learn MLP: 0 here)",
+                     "path_levels": "per gap and generated domain: the mean level of the real intermediate nearest "
+                                    "to 500 particles, real intermediates encoded by the path's own encoder; "
+                                    "next_domain_level: the same measure of the real domain the gap walks to"},
         "best_baseline": summary["best_baseline"], "records": summary["records"], "machine": machine(),
     }
     write_json(args.out, payload)
@@ -476,9 +572,6 @@ def parse(argv=None):
     p.add_argument("--angle", type=float, default=60.0, help="target rotation (the target spans angle-5..angle)")
     p.add_argument("--color-shift", type=float, default=1.0, help="target pixel offset (GOAT's colour shift)")
     p.add_argument("--given", type=int, default=2, help="unlabelled intermediate domains given (0-5)")
-    p.add_argument("--generated", type=int, default=10,
-                   help="domains generated per gap by the methods whose name gives no count (GOAT's choice on the "
-                        "development shifts); the recipe's count is in its name")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10, help="self-training epochs per domain")
     p.add_argument("--source-epochs", type=int, default=20)
@@ -488,23 +581,29 @@ def parse(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--jobs", type=int, default=1, help="processes, one torch thread each")
     p.add_argument("--out", default="benchmarks/results/gradual_rotate.json")
-    p.add_argument("--recipe", default=RECIPE, choices=[m for m, k in METHODS.items() if k == "flowaug"],
-                   help="the flowaug candidate reported as the recipe (chosen by benchmarks/gradual_select.py)")
-    p.add_argument("--recipes-from", default=None, help="JSON of another run: reuse its recipe")
+    p.add_argument("--selection", default=SELECTION, help="the JSON benchmarks/gradual_select.py wrote: the "
+                   "recipe and the baselines' paths chosen on development shifts")
+    p.add_argument("--recipes-from", default=None, help="JSON of another run: reuse its recipe and baselines' paths")
+    p.add_argument("--sizes", type=int, nargs=2, default=(SOURCE, DOMAIN), metavar=("SOURCE", "DOMAIN"),
+                   help="source images and images per domain (given, target, real intermediate); USPS: 2000 500")
+    p.add_argument("--score", choices=("test", "val"), default="test", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="a smoke run: small domains, 1 epoch, 2 seeds")
     p.add_argument("--report", action="store_true", help="rebuild the JSON and table from the cells file")
     args = p.parse_args(argv)
     if not 0 <= args.given <= 5:
         p.error(f"--given must be in 0..5, got {args.given}")
-    if args.recipes_from:
-        import json
+    args.chosen, args.selection_note = dict(CHOSEN), "defaults (no selection file)"
+    import json
 
-        with open(args.recipes_from) as handle:
-            recipe = json.load(handle)["recipe"]
-        args.recipe = recipe["method"]  # its count is in its name; --generated stays the other methods' count
-    args.sizes, args.domain = (SOURCE, POOL, TARGET), DOMAIN
+    source = args.recipes_from or (args.selection if os.path.exists(args.selection) else None)
+    if source:
+        with open(source) as handle:
+            saved = json.load(handle)
+        args.chosen = dict(saved["recipe"]["chosen"] if "recipe" in saved else saved["chosen"])
+        args.selection_note = saved.get("selection") or saved.get("note")
     if args.quick:
-        args.sizes, args.domain, args.epochs, args.source_epochs, args.seeds = (1000, 4000, 500), 500, 1, 2, 2
+        args.sizes, args.epochs, args.source_epochs, args.seeds = (1000, 500), 1, 2, 2
+    args.oracle_domains = None
     args.cells = os.path.splitext(args.out)[0] + ".cells.jsonl"
     return args
 
