@@ -330,19 +330,18 @@ class FlowTransform(Transform):
                 f"reference's samples have shape {sample}): flowed alone, a single image lands on the reference's "
                 "mean. Apply it to batches: after the DataLoader, or in its collate_fn with flowaug.FlowCollate, "
                 "not in a Dataset's per-image transform")
+        if images[0].numel() != self.reference.dim:  # before the batch of 1: (1, B, C, H, W) is not a batch of 1
+            raise ValueError(
+                f"FlowTransform accepts batches of shape (B, *{sample}) or (B, {self.reference.dim}) (the reference's "
+                f"samples have shape {sample}), got shape {shape}: {images[0].numel()} values per sample (videos: "
+                "pass a reference of videos of the same shape, or flow frames as images with video.flatten(0, 1))"
+            )
         if images.shape[0] == 1:
             raise ValueError(
                 f"FlowTransform got a batch of 1 (shape {shape}): a one-point measure flows onto the reference's "
                 "mean. Use batches of 2 or more (DataLoader(..., drop_last=True) drops a last batch of 1)")
 
     def _flow(self, images: torch.Tensor, labels, params, strength: float) -> dict:
-        if images[0].numel() != self.reference.dim:
-            raise ValueError(
-                f"images of shape {tuple(images.shape[1:])} have {images[0].numel()} values per sample but the "
-                f"reference's samples have shape {self.reference.sample_shape} ({self.reference.dim}); they must "
-                "match (videos: pass a reference of videos of the same shape, or flow frames as images with "
-                "video.flatten(0, 1))"
-            )
         x = batch_to_float(images.as_subclass(torch.Tensor))
         ref = self.reference.to(x.device)
         cfg = self.config

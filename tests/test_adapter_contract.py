@@ -89,6 +89,13 @@ class TestInputs:
         with pytest.raises(ValueError, match=r"flatten\(0, 1\)"):
             FlowTransform(reference(), steps=1)(video, torch.tensor([0, 1]))
 
+    def test_a_five_dimensional_batch_is_told_the_accepted_shapes(self):
+        """Issue 26: (1, B, C, H, W) was refused as "a batch of 1"."""
+        x, y = tiny_images(4)
+        with pytest.raises(ValueError, match=r"accepts batches of shape \(B, \*\(1, 6, 6\)\) or \(B, 36\).*got shape "
+                                             r"\(1, 4, 1, 6, 6\)"):
+            FlowTransform(reference(), steps=1)(x[None], y)
+
     def test_frames_of_a_video_flow_as_images(self):
         video = torch.rand(2, 3, 1, 6, 6)
         frames = FlowTransform(reference(), steps=1, seed=0)(video.flatten(0, 1), torch.arange(6) % 3)[0]
