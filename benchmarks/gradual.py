@@ -45,7 +45,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from common import append, machine, markdown_table, paired, run_parallel, write_json
 
-from flowaug.data import load_dataset
+from flowaug.data import load_dataset, rotate_images
 from flowaug.gradual import WalkOptions, _encode, adapt, domain_times, pseudo_labels, self_train, walk
 from flowaug.paths import PlanPath
 
@@ -152,22 +152,10 @@ def method_spec(args, name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- data
-def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) images rotated by per-image angles (bilinear, zero fill)."""
-    out = []
-    for i in range(0, len(x), 4096):
-        a = torch.deg2rad(degrees[i:i + 4096]).float()
-        c, s, z = a.cos(), a.sin(), torch.zeros_like(a)
-        theta = torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1)  # (n, 2, 3)
-        grid = nn.functional.affine_grid(theta, x[i:i + 4096].shape, align_corners=False)
-        out.append(nn.functional.grid_sample(x[i:i + 4096], grid, align_corners=False))
-    return torch.cat(out)
-
-
 def shift(args, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     """Apply the shift at ``level`` in [0, 1] (0: source, 1: target) per image."""
     if args.shift == "rotate":
-        return rotate(x, level * args.angle)
+        return rotate_images(x, level * args.angle)
     return x + (level * args.color_shift).view(-1, 1, 1, 1)  # GOAT's colour shift: pixels [0, 1] -> [s, 1 + s]
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "resize_images",
     "restore_input",
     "restore_label",
+    "rotate_images",
     "to_tensor",
 ]
 
@@ -305,3 +306,16 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     return F.resize(x, list(size), antialias=True)
+
+
+def rotate_images(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) float images rotated by per-image angles ``degrees`` (N,) (bilinear, zero fill): the rotating
+    digits of gradual domain adaptation (Kumar et al. 2020)."""
+    out = []
+    for i in range(0, len(x), 4096):
+        a = torch.deg2rad(degrees[i:i + 4096]).to(x.dtype)
+        c, s, z = a.cos(), a.sin(), torch.zeros_like(a)
+        theta = torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1)  # (n, 2, 3)
+        grid = torch.nn.functional.affine_grid(theta, list(x[i:i + 4096].shape), align_corners=False)
+        out.append(torch.nn.functional.grid_sample(x[i:i + 4096], grid, align_corners=False))
+    return torch.cat(out)

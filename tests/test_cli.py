@@ -15,7 +15,7 @@ import torch
 
 import flowaug
 from flowaug import cli
-from flowaug.demo import run_demo, train_classifier
+from flowaug.demo import run_demo
 
 from .conftest import tiny_images
 
@@ -80,7 +80,7 @@ class TestMain:
                 continue
             assert f"(default: {action.default})" in entries[action.option_strings[0]], action.option_strings
             checked += 1
-        assert checked >= 4
+        assert checked >= (2 if command == "demo" else 4)  # demo: --out and --threads
 
     def test_help_states_specific_defaults(self, capsys):
         flow_help = help_entries("flow", capsys)
@@ -279,24 +279,26 @@ class TestDistanceCommand:
 
 
 class TestRunDemo:
-    def test_says_what_it_does_before_and_while_training(self, data, tmp_path, capsys):
-        report = run_demo(data, str(tmp_path / "out"), steps=2, condensation=False)
+    def test_leads_with_gradual_adaptation_and_says_what_it_does(self, data, tmp_path, capsys):
+        report = run_demo(data, str(tmp_path / "out"), condensation=False)
         err = capsys.readouterr().err
-        order = [f"flowaug demo: loading MNIST and USPS (from {data})",
-                 "flowaug demo: MNIST -> USPS: training the classifier to freeze on MNIST",
-                 "training classifier:",  # the training bar
-                 "flowaug demo: unlabeled flow:",
-                 "flowaug demo: class-wise flow (true labels used: oracle):",
-                 "flowaug demo: writing pictures and the report"]
+        order = ["flowaug demo: gradual adaptation: MNIST, rotation 0 -> 60 degrees, two unlabelled snapshots",
+                 "flowaug demo: gradual self-training: GOAT's path",
+                 "flowaug demo: gradual self-training: flowaug",
+                 "flowaug demo: gradual self-training: oracle",
+                 "flowaug demo: writing the report"]
         positions = [err.find(text) for text in order]
         assert -1 not in positions and positions == sorted(positions), err
-        assert report["setting"] == "MNIST -> USPS"
+        accuracy = report["gradual"]["accuracy"]
+        assert list(accuracy)[0] == "source only" and all(0 <= a <= 100 for a in accuracy.values())
         text = open(tmp_path / "out" / "report.md").read()
-        assert "oracle" in text  # the label-steered number is never shown as a method
+        assert text.index("Gradual adaptation") < text.index("| oracle: 10 real intermediate rotations (no user")
+        assert os.path.getsize(report["gradual"]["file"]) > 0
 
-    def test_silent_without_progress(self, data, tmp_path, capsys):
-        run_demo(data, str(tmp_path / "out"), steps=1, progress=False, condensation=False)
-        assert capsys.readouterr().err == ""
+    def test_silent_without_progress_and_the_random_stream_is_left_alone(self, data, tmp_path, capsys):
+        before = torch.get_rng_state()
+        run_demo(data, str(tmp_path / "out"), progress=False, condensation=False)
+        assert capsys.readouterr().err == "" and torch.equal(before, torch.get_rng_state())
 
     def test_condensation_leads_and_compares_at_the_same_size(self, data, tmp_path, capsys):
         from flowaug.demo import condense_section
@@ -307,26 +309,6 @@ class TestRunDemo:
         assert os.path.getsize(c["file"]) > 0
         err = capsys.readouterr().err
         assert err.find("flowaug demo: condensation") < err.find("training a ConvNet-3 on 6 images")
-
-
-class TestTrainClassifier:
-    def test_progress_bar_counts_batches_and_reports_the_loss(self, capsys):
-        x, y = tiny_images(40, size=8)
-        train_classifier(flowaug.demo.MLP(64, classes=3), x, y, epochs=2, batch_size=16, progress=True)
-        err = capsys.readouterr().err
-        assert "training classifier" in err and "6/6" in err and "epoch=2/2" in err and "loss=" in err
-
-    def test_no_output_by_default(self, capsys):
-        x, y = tiny_images(8, size=8)
-        model = train_classifier(flowaug.demo.MLP(64, classes=3), x, y, epochs=1)
-        assert not model.training and capsys.readouterr().err == ""
-
-    @pytest.mark.parametrize("n, m", [(0, 0), (8, 7)])
-    def test_bad_data_is_refused(self, n, m):
-        with pytest.raises(ValueError, match=f"x and y must be non-empty and of the same length, got {n} inputs "
-                                             f"and {m} labels"):
-            train_classifier(flowaug.demo.MLP(64, classes=3), torch.zeros(n, 1, 8, 8),
-                             torch.zeros(m, dtype=torch.long), epochs=1)
 
 
 class TestPackage:
