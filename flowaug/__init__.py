@@ -7,7 +7,7 @@ Gradient Flows in Probability Space" (ICML 2021).
 
 Nothing heavy is imported here: pykeops and geomloss load on first use (they probe CUDA at import,
 which must not happen in the parent of forked DataLoader workers), Lightning only with
-:class:`FlowAnnealing`.
+:class:`FlowAnnealing` or :class:`GradualWalk`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
     "FlowDataset",
     "FlowResult",
     "FlowTransform",
+    "GradualWalk",
     "Interaction",
     "LabelEmbedding",
     "LabelPotential",
@@ -73,11 +74,15 @@ _SUBMODULES = ("callbacks", "data", "datasets", "demo", "distance", "dsa", "grad
 
 
 def __getattr__(name):
-    # Lightning is imported only when the callback is asked for (it is slow to import).
+    # Lightning is imported only when the callback or the Lightning walk is asked for (it is slow to import).
     if name == "FlowAnnealing":
         from .callbacks import FlowAnnealing
 
         return FlowAnnealing
+    if name == "GradualWalk":
+        from .gradual_lightning import GradualWalk
+
+        return GradualWalk
     if name in _SUBMODULES:
         import importlib
 
@@ -86,5 +91,5 @@ def __getattr__(name):
 
 
 def __dir__():
-    # The lazy names (FlowAnnealing, the submodules) are not in globals() until first use: list them too.
+    # The lazy names (FlowAnnealing, GradualWalk, the submodules) are not in globals() until first use: list them too.
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
