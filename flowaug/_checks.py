@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import sys
+import threading
 import warnings
 from numbers import Integral, Real
 from typing import Sequence
@@ -154,10 +156,18 @@ def check_labels(
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))  # nn.Module.__call__ sits between user and forward
+#: where a DataLoader worker's stack starts (no user code below the library there)
+_PROCESS_HOSTS = (os.path.dirname(os.path.abspath(multiprocessing.__file__)), os.path.abspath(threading.__file__))
+#: the kinds of :class:`FlowWarning`; a :class:`WarnOnce` shares which of them it has shown with the DataLoader
+#: workers that hold a copy of it (shared memory), so each is said once across processes and epochs
+#: (another kind is said once per process)
+WARNING_KINDS = ("units", "guard-halved", "guard-stopped", "sinkhorn-convergence", "class-names", "missing-class",
+                 "untrained-source")
 
 
 class FlowWarning(RuntimeWarning):
-    """A diagnosis of flowaug's; ``kind`` names what it is about (an adapter shows each kind once)."""
+    """A diagnosis of flowaug's; ``kind`` names what it is about (an adapter shows each kind of
+    :data:`WARNING_KINDS` once, its DataLoader workers included; see :class:`WarnOnce`)."""
 
     def __init__(self, message: str, kind: str | None = None):
         super().__init__(message)
@@ -166,11 +176,18 @@ class FlowWarning(RuntimeWarning):
 
 def warn_user(message: str, category: type[Warning] = RuntimeWarning, *, kind: str | None = None) -> None:
     """``warnings.warn`` attributed to the first caller outside flowaug (the user's line), however deep the
-    library's call stack is (what ``skip_file_prefixes`` does from Python 3.12). With ``kind``, a
-    :class:`FlowWarning` of that kind."""
+    library's call stack is (what ``skip_file_prefixes`` does from Python 3.12). In a DataLoader worker, whose
+    stack holds no user code below the library (torch's worker loop, then multiprocessing), it is attributed
+    to the library's outermost frame (e.g. the ``FlowCollate`` or dataset item that flowed), not to
+    ``multiprocessing/process.py``. With ``kind``, a :class:`FlowWarning` of that kind."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn_user
+    outermost = None  # stacklevel of the outermost flowaug frame
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        if os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            outermost = level
         frame, level = frame.f_back, level + 1
+    if frame is None or os.path.abspath(frame.f_code.co_filename).startswith(_PROCESS_HOSTS):
+        level = outermost or 2
     if kind is not None:
         warnings.warn(FlowWarning(message, kind), stacklevel=level)
     else:
@@ -180,10 +197,19 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning, *, kind: s
 class WarnOnce:
     """Shows each kind of warning once for its owner (an adapter): a transform that flows every batch would
     otherwise repeat one diagnosis per batch, with numbers that differ (so Python's own once-per-line
-    filter does not merge them). Warnings without a ``kind`` are merged by their text."""
+    filter does not merge them). The kinds of :data:`WARNING_KINDS` are marked in shared memory, which the
+    owner's copies in DataLoader workers (fork or spawn) share: each is said once in all, not once per worker
+    and epoch (two workers meeting it at the same instant may both say it). Warnings without a ``kind`` are
+    merged by their text, once per process: once per worker, and again each epoch unless the workers are
+    persistent."""
 
     def __init__(self, drop=()):
-        self.seen: set = set(drop)  # kinds never shown
+        self.seen: set = set(drop)  # kinds never shown, or already shown in this process
+        self.shown = torch.zeros(len(WARNING_KINDS), dtype=torch.uint8)  # (kinds,) 1: shown by some process
+        try:
+            self.shown.share_memory_()
+        except RuntimeError:  # pragma: no cover - platforms without shared memory: once per process
+            pass
 
     @contextlib.contextmanager
     def __call__(self):
@@ -191,8 +217,14 @@ class WarnOnce:
             warnings.simplefilter("always")
             yield
         for w in caught:
-            key = getattr(w.message, "kind", None) or (w.category.__name__, str(w.message))
+            kind = getattr(w.message, "kind", None)
+            key = kind or (w.category.__name__, str(w.message))
             if key in self.seen:
                 continue
             self.seen.add(key)
+            if kind in WARNING_KINDS:
+                flag = self.shown[WARNING_KINDS.index(kind)]
+                if bool(flag):
+                    continue
+                flag.fill_(1)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

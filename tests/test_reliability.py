@@ -211,6 +211,46 @@ class TestNumericalGuards:
         with pytest.warns(RuntimeWarning, match="x / 255"):
             flowaug.flow(x * 255, y, (rx, ry), steps=1)
 
+    def test_every_warning_kind_is_shared_across_workers(self):
+        """A kind missing from WARNING_KINDS would be said once per worker again."""
+        import re
+
+        from flowaug._checks import WARNING_KINDS
+
+        package = os.path.join(ROOT, "flowaug")
+        used = set()
+        for folder, _, files in os.walk(package):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name)) as f:
+                        used |= set(re.findall(r'kind="([a-z-]+)"', f.read()))
+        assert used and used <= set(WARNING_KINDS), used - set(WARNING_KINDS)
+
+    @pytest.mark.parametrize("start_method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+    def test_a_diagnosis_in_workers_is_said_once_at_the_library_not_multiprocessing(self, start_method):
+        """Issue 26: a FlowTransform in a collate_fn said its diagnosis once per worker and epoch, attributed to
+        multiprocessing/process.py. Two workers, two epochs, non-persistent: said once, at flowaug's entry."""
+        code = textwrap.dedent(f"""
+            import torch, flowaug
+            from torch.utils.data import DataLoader, TensorDataset
+            if __name__ == "__main__":
+                g = torch.Generator().manual_seed(0)
+                ref = (torch.rand(40, 4, generator=g), torch.arange(40) % 2)
+                data = TensorDataset(255 * torch.rand(32, 4, generator=g), torch.arange(32) % 2)
+                collate = flowaug.FlowCollate(flowaug.FlowTransform(ref, steps=1, seed=0, objective="mmd"))
+                loader = DataLoader(data, batch_size=8, num_workers=2, collate_fn=collate,
+                                    multiprocessing_context="{start_method}")
+                for epoch in range(2):
+                    for batch in loader:
+                        pass
+        """)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                             env=dict(os.environ, PYTHONWARNINGS="default"))
+        assert res.returncode == 0, res.stderr
+        said = [line for line in res.stderr.splitlines() if "they look like different units" in line]
+        assert len(said) == 1, res.stderr
+        assert "multiprocessing" not in said[0] and "flowaug" in said[0], said[0]
+
 
 # ------------------------------------------------------------------------------------------ faults
 class TestFaults:
