@@ -26,14 +26,14 @@ def run_python(args, cwd, timeout=300, pythonpath=()):
 
 
 def quick_start() -> tuple[str, str]:
-    """The Quick start section of README.md and the first ```python block in it."""
+    """The Quick start section of README.md and its ```python blocks, joined (each runs as is)."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     section = re.search(r"^## Quick start\n(.*?)(?=^## |\Z)", readme, re.DOTALL | re.MULTILINE)
     assert section, "README.md has no '## Quick start' section"
-    block = re.search(r"^```python\n(.*?)^```", section.group(1), re.DOTALL | re.MULTILINE)
-    assert block, "README.md's Quick start has no ```python block"
-    return section.group(1), block.group(1)
+    blocks = re.findall(r"^```python\n(.*?)^```", section.group(1), re.DOTALL | re.MULTILINE)
+    assert blocks, "README.md's Quick start has no ```python block"
+    return section.group(1), "\n".join(blocks)
 
 
 # ---------------------------------------------------------------------------------------------- README
