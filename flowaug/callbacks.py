@@ -1,7 +1,10 @@
 """FlowAnnealing: a Lightning callback that anneals the strength of flows during training.
 
 The strength is a pure function of the trainer's position (epoch or global step), so a run resumed from
-a checkpoint and every DDP rank compute the same value. It is written into the targets' shared-memory
+a checkpoint and every DDP rank compute the same value. A resumed run flows the same batches with the same
+strengths as the uninterrupted one with ``interval="epoch"`` (resumed at an epoch boundary) or with
+``apply_to_batches=True``; not with ``interval="step"`` and DataLoader workers, whose batches get strengths that
+lag by a timing-dependent amount (below), in a resumed run as in any rerun. It is written into the targets' shared-memory
 ``strength``; DataLoader workers, persistent ones included, read it at their next batch. Lightning creates
 the epoch's DataLoader iterator (which makes workers prefetch) after ``on_train_epoch_start`` from the
 second epoch on, and after ``on_fit_start`` for the first, so each epoch's batches are flowed with that
@@ -63,7 +66,8 @@ class FlowAnnealing(pl.Callback):
         start: where the schedule starts: an epoch/step index (int) or a fraction of training (float),
             like ``StochasticWeightAveraging``'s ``swa_epoch_start``. Before it, ``start_value`` holds.
         end: where it ends (same conventions); default the last epoch/step of training.
-        interval: ``"epoch"`` or ``"step"``.
+        interval: ``"epoch"`` or ``"step"`` (with DataLoader workers, ``"step"`` is not reproducible and a
+            resumed run does not continue the schedule batch for batch, unless ``apply_to_batches=True``).
         stairs, rate: parameters of the ``"step"`` and ``"exponential"`` schedules.
         apply_to_batches: apply the FlowTransform targets to training batches after they reach the device
             (main process, ``on_train_batch_start``; training batches only). The batch tensors are updated
