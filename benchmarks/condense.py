@@ -6,7 +6,8 @@ from the same real images (the random-real baseline):
   random real       the initial images themselves (drawn per class with the condensation seed)
   k-means           per class, the real image nearest each of IPC k-means centroids in the features of a random
                     ConvNet (seeded by the condensation seed)
-  DM                distribution matching as published (Zhao & Bilen, WACV 2023): per iteration a fresh random
+  DM                distribution matching's update rule (Zhao & Bilen, WACV 2023) at this protocol's reduced
+                    budget (below; no flip in the augmentation, the ConvNet's padding 1): per iteration a fresh random
                     ConvNet-3; per class, the squared distance between the mean embeddings of real and synthetic
                     images (after one Siamese DSA draw per class); SGD on the images, lr 1.0, momentum 0.5
   flowaug: ...      flowaug.condense: each class's particles flow toward the real class under a Sinkhorn
@@ -93,7 +94,7 @@ def load(args):
 
 # ---------------------------------------------------------------------- condensation methods
 def dm(x, y, ipc, args, seed, lr: float = 1.0):
-    """Distribution matching as published: a fresh random ConvNet per iteration, mean embeddings per class after
+    """Distribution matching's update rule: a fresh random ConvNet per iteration, mean embeddings per class after
     one Siamese DSA draw per class, SGD on the images (lr 1, momentum 0.5), from the same real images."""
     syn, labels = _initial(x, y, ipc, "real", seed)
     syn = syn.clone().requires_grad_(True)
