@@ -47,7 +47,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._checks import (WarnOnce, check_choice, check_finite_tensor, check_int, check_labels, check_real, describe,
+from ._checks import (WarnOnce, check_bool, check_choice, check_finite_tensor, check_int, check_labels, check_real, describe,
                       warn_user)
 from ._io import atomic_path
 from ._shared import mix_seed
@@ -263,8 +263,14 @@ def _read(data, name: str):
             raise FileNotFoundError(f"{name}: {data!r} is neither an npz file nor a folder holding train.npz "
                                     "(x uint8 N x H x W, y int64)")
         return x, y, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray)):
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], (torch.Tensor, np.ndarray)):
+        if len(data) != 2:
+            raise TypeError(f"{name} given as a {type(data).__name__} of arrays must be (images, labels), got "
+                            f"{len(data)} entries")
         return _array(data[0], f"{name} images"), _array(data[1], f"{name} labels"), None
+    if isinstance(data, dict):
+        raise TypeError(f"{name} must be a Dataset, an (images, labels) pair, a Condensed or an npz folder, got a "
+                        f"dict with keys {sorted(map(str, data))[:6]}")
     if isinstance(data, (torch.Tensor, np.ndarray)):
         raise TypeError(f"{name} must be labelled: an (images, labels) pair, a Dataset of (image, label) items "
                         f"or an npz folder, got images alone: {describe(data)}")
@@ -332,6 +338,11 @@ def _embedding_kind(embedding) -> str:
 def _embedding(embedding, x, y, mean, std, *, width: int, augment, device):
     """(fixed embedding or None, factory or None, a stable description of it for the checkpoint)."""
     if embedding is None:
+        if augment is not None:
+            try:
+                SiameseAugment(augment)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"augment: {err}") from None
         factory = RandomEmbedding(x.shape[1], int(y.max()) + 1, x.shape[2:], width=width, augment=augment,
                                   device=device)
         return None, factory, repr(factory)
@@ -350,6 +361,31 @@ def _embedding(embedding, x, y, mean, std, *, width: int, augment, device):
                             "copies it so that your network is left as it is") from None
         embedding = embedding.to(device).eval().requires_grad_(False)
     return _InDataUnits(embedding, mean, std), None, described
+
+
+def _usable_device(device) -> torch.device:
+    """``device`` as a torch.device where a tensor can be made; else a ValueError naming the argument."""
+    try:
+        device = torch.device(device)
+        torch.zeros(1, device=device)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"device must be a device usable here (e.g. 'cpu', 'cuda'), got {describe(device)}: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return device
+
+
+def _probe(phi, factory, u: torch.Tensor) -> None:
+    """Run the user's embedding once on two standardized images ``u`` (2, C, H, W) (the global random stream
+    left as it was): an error or an output without one row per image is reported naming ``embedding``."""
+    try:
+        with torch.random.fork_rng(devices=[u.device] if u.device.type == "cuda" else []), torch.no_grad():
+            out = (phi if phi is not None else factory())(u)
+    except Exception as err:  # noqa: BLE001 - whatever the user's code raises, said as the embedding's failure
+        raise ValueError(f"embedding failed on a batch of {u.shape[0]} images of shape {tuple(u.shape[1:])} "
+                         f"({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != u.shape[0]:
+        raise ValueError(f"embedding must map a batch of {u.shape[0]} images (N, C, H, W) to a tensor with one row "
+                         f"per image, got {describe(out)}")
 
 
 def _initial(x, y, ipc: int, init: str, seed: int):
@@ -421,14 +457,19 @@ def condense(data, images_per_class: int, *, objective: str | Objective = DEFAUL
     init = check_choice("init", init, INITS)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
     seed = check_int("seed", seed)
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be None or a file path (str or Path), got {describe(checkpoint)}")
     checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+    check_bool("progress", progress)
     inner = OBJECTIVES[check_choice("objective", objective, tuple(OBJECTIVES))]() if isinstance(objective, str) \
         else objective
     x, y, names = _as_tensors(data)
-    device = x.device if device is None else torch.device(device)
+    device = x.device if device is None else _usable_device(device)
     x, y = x.to(device), y.to(device)
     mean, std = _standardization(x)
     phi, factory, described = _embedding(embedding, x, y, mean, std, width=width, augment=augment, device=device)
+    if embedding is not None:
+        _probe(phi, factory, (x[:2] - mean) / std)
     obj = Embedded(inner, phi, factory=factory, reference_size=real_per_class)
     start, labels = _initial(x, y, ipc, init, seed)
     settings = {"images_per_class": ipc, "objective": repr(inner), "embedding": described,

@@ -249,6 +249,18 @@ class TestCondense:
             condense((x, y), 2, objective="kl", progress=False)
         with pytest.raises(ValueError, match="momentum must be"):
             condense((x, y), 2, momentum=1.0, progress=False)
+        kwargs = dict(iterations=1, real_per_class=8, width=4, progress=False)
+        cases = [(dict(data={"x": x, "y": y}), TypeError, "data must be .* got a dict with keys"),
+                 (dict(data=(x, y, y)), TypeError, "must be .images, labels., got 3 entries"),
+                 (dict(device="gpu0"), ValueError, "device must be a device usable here"),
+                 (dict(checkpoint=5), TypeError, "checkpoint must be None or a file path"),
+                 (dict(augment="blur"), ValueError, "augment: strategy part must be one of"),
+                 (dict(embedding=torch.nn.Flatten(0)), ValueError, "embedding must map a batch of 2 images"),
+                 (dict(embedding=torch.nn.Linear(3, 3)), ValueError, "embedding failed on a batch of 2 images"),
+                 (dict(progress="yes"), TypeError, "progress must be True or False")]
+        for case, error, match in cases:
+            with pytest.raises(error, match=match):
+                condense(case.pop("data", (x, y)), 2, **{**kwargs, **case})
         assert isinstance(Condensed(x[:2], y[:2]), torch.utils.data.Dataset)
 
 
