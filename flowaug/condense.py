@@ -220,7 +220,9 @@ class Condensed(torch.utils.data.Dataset):
         batches = [self._display(torch.stack([b[i] for b in by_class])) for i in range(min(per, 10))]
         labels = [f"synthetic {i + 1}" for i in range(len(batches))]
         if real is not None:
-            batches.append(self._display(real[:k]))
+            from .data import as_float_images
+
+            batches.append(self._display(as_float_images(real[:k])))  # uint8 / 255, as the data were
             labels.append("real")
         names = [str(self.classes[c]) if self.classes is not None and c < len(self.classes) else str(c)
                  for c in range(k)]
