@@ -69,8 +69,8 @@ __all__ = [
 
 #: submodules reachable as attributes (``flowaug.gradual.adapt``) without an import of their own; loaded on first
 #: use. (``flowaug.condense`` is the function; its module is ``importlib.import_module("flowaug.condense")``.)
-_SUBMODULES = ("callbacks", "data", "datasets", "demo", "distance", "dsa", "gradual", "networks", "plotting",
-               "policy", "schedules")
+_SUBMODULES = ("callbacks", "cli", "data", "datasets", "demo", "demo_gradual", "distance", "dsa", "gradual",
+               "gradual_lightning", "networks", "paths", "plotting", "policy", "schedules")
 
 
 def __getattr__(name):

@@ -336,3 +336,7 @@ def test_submodules_are_attributes_of_the_package():
     code = "import flowaug, sys; print(callable(flowaug.gradual.adapt), 'lightning' in sys.modules, 'gradual' in dir(flowaug))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.stdout.split() == ["True", "False", "True"], done.stderr
+    public = [name[:-3] for name in os.listdir(os.path.dirname(flowaug.__file__))
+              if name.endswith(".py") and not name.startswith("_")]
+    for name in public:  # every public module, or the function of its name (flowaug.flow, flowaug.condense)
+        assert getattr(flowaug, name).__name__ in (name, f"flowaug.{name}"), name
