@@ -85,7 +85,7 @@ import flowaug  # noqa: E402
 from benchmarks.common import (append, machine, markdown_table, paired, run_parallel, t_interval,  # noqa: E402, F401
                                write_json)
 from flowaug.data import load_dataset, resize_images  # noqa: E402
-from flowaug.demo import LeNet5, accuracy, per_class  # noqa: E402
+from benchmarks.models import LeNet5, accuracy, per_class  # noqa: E402
 
 PRETRAIN = "pretrain on raw source, fine-tune on target"
 BALANCED = ", half of each batch from the target"

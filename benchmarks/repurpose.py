@@ -54,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 import flowaug  # noqa: E402
 from benchmarks.common import machine, markdown_table, write_json  # noqa: E402
 from flowaug.data import load_dataset, resize_images  # noqa: E402
-from flowaug.demo import LeNet5, accuracy, per_class, train_classifier  # noqa: E402
+from benchmarks.models import LeNet5, accuracy, per_class, train_classifier  # noqa: E402
 from flowaug.plotting import image_grid, objective_curve  # noqa: E402
 
 

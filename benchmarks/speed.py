@@ -462,7 +462,7 @@ def section_overhead(args, results):
     import flowaug.backends.dense as dense
     from torch.utils.data import DataLoader, TensorDataset
 
-    from flowaug.demo import LeNet5
+    from benchmarks.models import LeNet5
 
     mx, my = load_dataset("mnist", "train", data_dir=args.data)
     ux, uy = load_dataset("usps", "train", data_dir=args.data)

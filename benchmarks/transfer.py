@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import flowaug  # noqa: E402
 from benchmarks.common import machine, markdown_table, write_json  # noqa: E402
 from flowaug.data import load_dataset, resize_images  # noqa: E402
-from flowaug.demo import LeNet5, accuracy, per_class, train_classifier  # noqa: E402
+from benchmarks.models import LeNet5, accuracy, per_class, train_classifier  # noqa: E402
 from flowaug.plotting import image_grid  # noqa: E402
 
 PUBLISHED = {  # Bonet, Vauthier & Korba (2025), Table 2, MNIST -> USPS, accuracy (%) for k = 1, 5, 10, 100
