@@ -20,13 +20,14 @@ from .objectives import OBJECTIVES
 __all__ = ["main"]
 
 DATA_HELP = ("folder of datasets as NAME/{train,test}.npz (x uint8 NxHxW, y int64); default $FLOWAUG_DATA, "
-             "then ../shared/data; without one, torchvision downloads where the network allows")
+             "then ../shared/data; without one, torchvision downloads where the network allows (flowaug demo: "
+             "scikit-learn's digits when MNIST is found nowhere)")
 SPLIT_HELP = ("split of both datasets; train by default for every command, because the flowed data and the "
               "distance are about the data you train on: keep test for evaluating the result")
 LIMIT_HELP = "use at most this many samples of each dataset"
 THREADS_HELP = ("torch CPU threads, set before any work and printed; auto: $OMP_NUM_THREADS when set, else all "
                 "usable cores but one (at least 1), since one busy core can stall every parallel step "
-                "(README: Small machines)")
+                "(torch's default of one thread per core ran ~80x slower on a 2-core machine with one core busy)")
 
 
 CONDENSE_HELP = ("Condense DATASET (a name under --data, a folder with train.npz, or a torchvision name) into --ipc "

@@ -149,6 +149,9 @@ def training_set(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
         labels, keep = pseudo_labels(model, x, confidence=confidence)
         return x[keep], labels[keep]
     check_labels("labels", labels, len(x), allow_soft=False)
+    k = _check_logits(_encode(model, x[:2]), "the model")  # a forward in eval mode: no random number drawn
+    if len(labels) and int(labels.max()) >= k:
+        raise ValueError(f"labels go up to {int(labels.max())} but the model outputs {k} classes (0..{k - 1})")
     return x, labels
 
 

@@ -153,6 +153,10 @@ class TestSelfTrain:
             self_train(linear_model(), x, y.float())
         with pytest.raises(ValueError, match="batch_size"):
             self_train(linear_model(), x, y, batch_size=1)
+        with pytest.raises(ValueError, match=r"labels go up to 5 but the model outputs 2 classes \(0..1\)"):
+            self_train(linear_model(), x, torch.where(y == 1, 5, 0))
+        with pytest.raises(ValueError, match=r"\(N, K\) class logits with K >= 2"):
+            self_train(nn.Sequential(nn.Identity(), nn.Linear(2, 1)), x, y)
         with pytest.raises(ValueError, match="x must be a non-empty"):
             pseudo_labels(linear_model(), x[:0])
 
