@@ -8,7 +8,7 @@
    real images per class and to distribution matching run through the same code at the recipe's step
    (``objective="linear"``: a fair step, since most of the recipe's old edge over DM was its larger step); a
    ConvNet trained on each 100-image set is scored on the test split. MNIST when found, else scikit-learn's
-   digits. Demo-sized (width 32, 100 iterations, one seed); ``benchmarks/condense.py`` is the paired comparison.
+   digits. Demo-sized (width 32, 60 iterations, 120 evaluation epochs, one seed); ``benchmarks/condense.py`` is the paired comparison.
 
 Re-purposing a frozen classifier is not in the demo: putting USPS into MNIST's frame alone takes a frozen model
 from 46.5 to 91.0 %, and no label-free flow added to that (``benchmarks/repurpose.py``).
@@ -47,8 +47,8 @@ def _load_condense(data_dir, progress):
     return name, ((x - mean) / std, y), ((xt - mean) / std, yt), (mean, std)
 
 
-def condense_section(data_dir, out_dir: str, progress: bool = True, *, ipc: int = 10, iterations: int = 100,
-                     width: int = 32, epochs: int = 200) -> dict:
+def condense_section(data_dir, out_dir: str, progress: bool = True, *, ipc: int = 10, iterations: int = 60,
+                     width: int = 32, epochs: int = 120) -> dict:
     """Condense to ``ipc`` images per class three ways and score a ConvNet trained on each (same seed)."""
     from .condense import _initial, condense, evaluate_synthetic
 

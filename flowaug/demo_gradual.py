@@ -43,7 +43,7 @@ def rotating_digits(data_dir=None, seed: int = 0, angle: float = 60.0) -> dict:
         x, y, xt, yt = d[perm[:1400]], dy[perm[:1400]], d[perm[1400:]], dy[perm[1400:]]
         name = "scikit-learn digits (8x8, offline)"
     # source, each domain: Kumar et al.'s proportions, demo-sized; 13 domains (2 snapshots, target, 10 real)
-    sizes = (3000, 1000) if len(x) >= 16000 else (len(x) - 13 * max(2, len(x) // 20), max(2, len(x) // 20))
+    sizes = (2000, 700) if len(x) >= 16000 else (len(x) - 13 * max(2, len(x) // 20), max(2, len(x) // 20))
     scale = 16.0 if int(x.max()) <= 16 else 255.0  # scikit-learn's digits npz holds 0..16, the others 0..255
     x, xt = x.float() / scale, xt.float() / scale  # (N, 1, H, W) in [0, 1]
     g = torch.Generator().manual_seed(seed)
