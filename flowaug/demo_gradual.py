@@ -115,5 +115,5 @@ def _path_picture(model, data, png: str, image_grid, columns: int = 6) -> str:
         rows.append(torch.stack([x_a[i]] + [pool[int(torch.cdist(f[i:i + 1], f_pool).argmin())] for f in path]))
         labels.append(f"digit {c}")
     return image_grid(rows, png, row_labels=labels, columns=columns,
-                      title="flowaug's path, source -> first snapshot: the real image nearest to each particle "
+                      title="flowaug's path, source -> first snapshot:\nthe real image nearest to each particle "
                             f"at t = 0, {', '.join(f'{t:.2f}' for t in times)}")
