@@ -288,8 +288,8 @@ def skada_goat(args, model, data, seed: int) -> nn.Module:
     default MLP head trained on the source, then through its generated domains) on the source encoder's features of
     the source and the target (it takes two domains: the given ones are not used)."""
     import numpy as np
-    from sklearn.neural_network import MLPClassifier
     from skada._gradual_da import GradualEstimator  # not exported at the top level in 0.6
+    from sklearn.neural_network import MLPClassifier
 
     f_s, f_t = _encode(model[0], data["source"][0]).numpy(), _encode(model[0], data["target"][0]).numpy()
     x = np.concatenate([f_s, f_t])

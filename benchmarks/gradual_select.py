@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import gradual as bench  # noqa: E402  (puts the repository on the path, as every benchmark does)
-from common import append, machine, run_parallel, write_json  # noqa: E402
+import gradual as bench
+from common import append, machine, run_parallel, write_json
 
 DEV_TASKS = {"mnist rotate 45": ["--shift", "rotate", "--angle", "45"],
              "usps rotate 45": ["--dataset", "usps", "--shift", "rotate", "--angle", "45", "--sizes", "2000", "500"],

@@ -47,8 +47,20 @@ from .config import FlowConfig
 from .paths import PATH_DEFAULTS, FlowPath, Path, PlanPath, check_pair, entropic_path
 from .schedules import resolve_schedule, schedule_value
 
-__all__ = ["WalkOptions", "adapt", "domain_times", "flow_domains", "pseudo_labels", "self_train", "walk",
-           "FlowPath", "PlanPath", "Path", "entropic_path", "PATH_DEFAULTS"]
+__all__ = [
+    "PATH_DEFAULTS",
+    "FlowPath",
+    "Path",
+    "PlanPath",
+    "WalkOptions",
+    "adapt",
+    "domain_times",
+    "entropic_path",
+    "flow_domains",
+    "pseudo_labels",
+    "self_train",
+    "walk",
+]
 
 #: generated domains per gap in :func:`adapt`: the choice of ``benchmarks/gradual_select.py`` on development
 #: shifts (see ``benchmarks/README.md``)

@@ -30,7 +30,7 @@ from .flow import flow
 from .objectives import ClassifierPotential, Sinkhorn
 from .reference import Reference
 
-__all__ = ["FlowPath", "Path", "PlanPath", "PATH_DEFAULTS", "entropic_path"]
+__all__ = ["PATH_DEFAULTS", "FlowPath", "Path", "PlanPath", "entropic_path"]
 
 #: what :class:`FlowPath` uses unless told: a few full Sinkhorn steps (each moves a point most of the way
 #: to its barycentric target), features only

@@ -28,7 +28,7 @@ class TestGradient:
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(10, 3, generator=g, dtype=torch.float64), torch.arange(10) % 3
         centres = torch.randn(3, 3, generator=g, dtype=torch.float64)
-        fn = lambda x, y: (x - centres[y]).pow(4).sum(1)  # noqa: E731
+        fn = lambda x, y: (x - centres[y]).pow(4).sum(1)
         ev = LabelPotential(fn).evaluate(x, context(x, y))
         xx = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(fn(xx, y).mean(), xx)

@@ -1,6 +1,5 @@
 """flowaug.paths: the flow path, the plain entropic map and GOAT's exact-plan path (analytic and reference cases)."""
 
-import math
 
 import pytest
 import torch
