@@ -44,7 +44,7 @@ from torch import nn
 
 from ._checks import check_bool, check_finite_tensor, check_int, check_labels, check_real, describe, warn_user
 from .config import FlowConfig
-from .paths import PATH_DEFAULTS, FlowPath, Path, PlanPath, check_pair, entropic_path
+from .paths import PATH_DEFAULTS, FlowPath, Path, PlanPath, entropic_path
 from .schedules import resolve_schedule, schedule_value
 
 __all__ = [
@@ -99,7 +99,6 @@ def flow_domains(x_from: torch.Tensor, x_to: torch.Tensor, n_domains: int, *, y_
         ``n_domains`` tensors shaped like ``x_from``, in order from ``x_from`` to ``x_to``; sample ``i`` of
         each is the same particle (labels carried from ``y_from`` stay valid along the path).
     """
-    check_pair(x_from, x_to)
     times = domain_times(n_domains, schedule)
     if (y_from is None) != (y_to is None):
         raise ValueError("y_from and y_to must be given together (class-wise flow) or both left out")
@@ -354,7 +353,7 @@ def walk(encoder: nn.Module, head: nn.Module, source, domains: Sequence[torch.Te
     bar = tqdm(total=len(domains) * per_gap, initial=first * per_gap + skip, desc="gradual self-training",
                disable=not progress)
     for gap in range(first, len(domains)):
-        gap_start = _snapshot(encoder, head, generator)
+        gap_start = _snapshot(encoder, head, generator) if on_stage is not None else None
         stages = _gap_stages(encoder, head, chain, gap, y_src, fixed, options, generator, on_path)
         if gap == first and skip:
             _restore(state["current"], encoder, head, generator)
@@ -378,11 +377,13 @@ def _gap_stages(encoder, head, chain, gap, y_src, fixed, options: WalkOptions, g
     f_a, f_b = (fixed[gap], fixed[gap + 1]) if fixed else (_encode(encoder, x_a), _encode(encoder, x_b))
     stages = []
     if options.generated:
-        model = nn.Sequential(encoder, head)
-        y_a = y_src if gap == 0 else pseudo_labels(model, x_a, confidence=0.0)[0]  # the pair's first domain
+        reads_labels = options.label_aware or options.carry_labels or _reads_labels(options.path)
+        y_a = None  # the pair's first domain's labels: true on the source, the model's after; computed when read
+        if reads_labels:
+            y_a = y_src if gap == 0 else pseudo_labels(nn.Sequential(encoder, head), x_a, confidence=0.0)[0]
         y_b = pseudo_labels(head, f_b, confidence=0.0)[0] if options.label_aware else None
         path = options.path(f_a, f_b, domain_times(options.generated, options.schedule),
-                            y_from=y_a if (options.label_aware or _reads_labels(options.path)) else None,
+                            y_from=y_a if options.label_aware or _reads_labels(options.path) else None,
                             y_to=y_b, classifier=head, generator=generator)
         if on_path is not None:
             on_path(gap, encoder, f_a, f_b, path)
