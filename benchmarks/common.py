@@ -105,6 +105,14 @@ def paired(a: dict, b: dict) -> dict:
             "ci95_over_draw_means": t_interval(per_draw), "draws": len(draws)}
 
 
+def read_cells(path: str) -> list[dict]:
+    """The records :func:`append` wrote to ``path`` (none when it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def append(path: str, record: dict) -> None:
     """One finished record, one line, one write: parallel jobs append to the same file safely (O_APPEND)."""
     with open(path, "a") as handle:

@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 import flowaug  # noqa: E402
-from benchmarks.common import append, machine, markdown_table, paired, run_parallel, write_json  # noqa: E402
+from benchmarks.common import (append, machine, markdown_table, paired, read_cells, run_parallel,  # noqa: E402
+                               write_json)
 from flowaug._io import atomic_path  # noqa: E402
 from flowaug._shared import mix_seed  # noqa: E402
 from flowaug.condense import DSA_DIGITS, _initial, evaluate_synthetic  # noqa: E402
@@ -192,13 +193,6 @@ def run_unit(args, stage: str, method: str, ipc: int, cond_seed: int, eval_seeds
         append(args.partial, {"stage": stage, "method": method, "ipc": ipc, "cond_seed": cond_seed, "eval_seed": e,
                               "accuracy": acc, "seconds_per_iteration": per_it})
         print(f"{stage} ipc={ipc} {method} cond={cond_seed} eval={e}: {acc:.2f}%", flush=True)
-
-
-def read_cells(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def done_keys(records) -> set:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import append, machine, markdown_table, paired, run_parallel, write_json
+from common import append, machine, markdown_table, paired, read_cells, run_parallel, write_json
 
 from flowaug.data import load_dataset, rotate_images
 from flowaug.gradual import WalkOptions, _encode, adapt, domain_times, pseudo_labels, self_train, walk
@@ -170,9 +170,8 @@ def build(args, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     s, d = args.sizes
-    v = min(1000, d)  # validation images (train split, shifted like the target)
-    spare = len(x) - (s + v + d + args.given * d)
-    p = min(POOL_DOMAINS, spare // d) * d  # a smaller dataset than MNIST: fewer real intermediates for the oracle
+    v = validation_size(d)  # validation images (train split, shifted like the target)
+    p = pool_domains(args, len(x)) * d
     if p < 2 * d:
         raise SystemExit(f"--dataset {args.dataset}: {len(x)} training images are too few for --sizes {s} {d}")
     ends = [s, s + v, s + v + p, s + v + p + d]
@@ -368,7 +367,7 @@ def run_method(args, name: str, source_model, data, seed: int) -> dict:
 
 def cell(args, seed: int) -> None:
     torch.set_num_threads(1)
-    done = {r["method"] for r in read_cells(args) if r["seed"] == seed}
+    done = {r["method"] for r in read_cells(args.cells) if r["seed"] == seed}
     todo = [m for m in args.methods if m not in done]
     if not todo:
         return
@@ -449,19 +448,10 @@ def nearest(f: torch.Tensor, data, unit: float) -> tuple[torch.Tensor, str]:
     return data["pool_images"][i, 0], f"nearest {float(data['pool_levels'][i]) * unit:.3g}"
 
 
-def read_cells(args) -> list[dict]:
-    import json
-
-    if not os.path.exists(args.cells):
-        return []
-    with open(args.cells) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 # ---------------------------------------------------------------------- report
 def summarise(args) -> dict:
     runs = {}
-    for r in read_cells(args):
+    for r in read_cells(args.cells):
         if r["seed"] < args.seeds:
             runs.setdefault(r["method"], {})[r["seed"]] = r
     records = []
@@ -496,11 +486,17 @@ def summarise(args) -> dict:
             "given_vs_oracle": (oracle["mean"] - given["mean"]) if oracle and given else None}
 
 
-def build_counts(args) -> int:
-    """Real intermediates the oracle walks at these sizes (from the dataset's size, as :func:`build` counts)."""
-    n = len(load_dataset(args.dataset, "train", data_dir=args.data)[1])
+def pool_domains(args, n_train: int) -> int:
+    """Real intermediates (of ``DOMAIN`` images) the oracle walks: up to 21, as many as fit in ``n_train`` images
+    beside the source, the validation split, the target and the given domains (fewer on a dataset smaller than
+    MNIST)."""
     s, d = args.sizes
-    return min(POOL_DOMAINS, (n - (s + min(1000, d) + d + args.given * d)) // d)
+    return min(POOL_DOMAINS, (n_train - (s + validation_size(d) + d + args.given * d)) // d)
+
+
+def validation_size(domain: int) -> int:
+    """Validation images carved from train (development selection scores on them): 1,000, or one domain's worth."""
+    return min(1000, domain)
 
 
 def gap_closed_interval(rec, best, oracle, draws: int = 10000) -> list[float] | None:
@@ -519,7 +515,7 @@ def gap_closed_interval(rec, best, oracle, draws: int = 10000) -> list[float] | 
 
 def report(args) -> dict:
     summary = summarise(args)
-    args.oracle_domains = build_counts(args)
+    args.oracle_domains = pool_domains(args, len(load_dataset(args.dataset, "train", data_dir=args.data)[1]))
     rows = []
     for r in summary["records"]:
         vs = r.get("vs_best_baseline")

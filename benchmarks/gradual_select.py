@@ -14,7 +14,6 @@ real domain). Rule, per family: the candidate with the best mean validation accu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gradual as bench
-from common import append, machine, run_parallel, write_json
+from common import append, machine, read_cells, run_parallel, write_json
 
 DEV_TASKS = {"mnist rotate 45": ["--shift", "rotate", "--angle", "45"],
              "usps rotate 45": ["--dataset", "usps", "--shift", "rotate", "--angle", "45", "--sizes", "2000", "500"],
@@ -33,7 +32,7 @@ DEV_TASKS = {"mnist rotate 45": ["--shift", "rotate", "--angle", "45"],
 
 def run(args, task: str, seed: int) -> None:
     torch.set_num_threads(1)
-    done = {(r["task"], r["seed"], r["variant"]) for r in read(args.cells)}
+    done = {(r["task"], r["seed"], r["variant"]) for r in read_cells(args.cells)}
     todo = [(fam, spec) for fam, specs in bench.CANDIDATES.items() for spec in specs if (task, seed, spec) not in done]
     if not todo:
         return
@@ -50,15 +49,8 @@ def run(args, task: str, seed: int) -> None:
         print(f"{task:17s} seed {seed}  {spec:36s} {acc:6.2f}", flush=True)
 
 
-def read(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def choose(args) -> dict:
-    rows = read(args.cells)
+    rows = read_cells(args.cells)
     table, chosen = {}, {}
     for family, specs in bench.CANDIDATES.items():
         scores = {}
