@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from .base import Evaluation, Objective
-from .energies import _finite_or_raise, _require_callable
+from .base import Objective
+from .energies import _require_callable, feature_gradient
 
 __all__ = ["Custom"]
 
@@ -34,15 +34,11 @@ class Custom(Objective):
         self.fn = _require_callable("fn", fn)
 
     def evaluate(self, z, ctx, state=None):
-        n, d = z.shape[0], ctx.feature_dim
-        with torch.enable_grad():
-            x = z[:, :d].detach().reshape(n, *ctx.feature_shape).requires_grad_(True)
+        def scalar(x):
             value = self.fn(x, ctx.labels)
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 raise ValueError(f"Custom fn must return a scalar tensor, got {type(value).__name__}")
-            (gx,) = torch.autograd.grad(value.reshape(()), x)
-        grad = torch.zeros_like(z)
-        grad[:, :d] = gx.reshape(n, d) * n
-        value = value.detach().reshape(()).to(z.dtype)
-        _finite_or_raise("Custom fn", value, grad)
-        return Evaluation(value, grad)
+            return value.reshape(())
+
+        return feature_gradient(z, ctx, scalar, "Custom fn")
+

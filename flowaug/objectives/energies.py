@@ -40,6 +40,22 @@ def _finite_or_raise(name, value, grad):
         raise FloatingPointError(f"{name} returned a non-finite value or gradient")
 
 
+def feature_gradient(z: torch.Tensor, ctx, scalar, name: str) -> Evaluation:
+    """Value and Wasserstein gradient of ``scalar(x)``, a differentiable mean over the particles of their features
+    ``x`` (N, *feature_shape): ``N * grad_x scalar`` on the feature coordinates, none on the label coordinates.
+    The one autograd path of :class:`Custom` and the label-conditional potentials."""
+    n, d = z.shape[0], ctx.feature_dim
+    with torch.enable_grad():
+        x = z[:, :d].detach().reshape(n, *ctx.feature_shape).requires_grad_(True)  # (N, *shape)
+        value = scalar(x)  # ()
+        (gx,) = torch.autograd.grad(value, x)
+    grad = torch.zeros_like(z)  # (N, D)
+    grad[:, :d] = gx.reshape(n, d) * n
+    value = value.detach().to(z.dtype)
+    _finite_or_raise(name, value, grad)
+    return Evaluation(value, grad)
+
+
 class Potential(Objective):
     """Potential energy ``mean_i V(z_i)``.
 
@@ -93,18 +109,15 @@ class LabelPotential(Objective):
     def evaluate(self, z, ctx, state=None):
         if ctx.labels is None:
             raise ValueError(f"{type(self).__name__} needs each particle's label: pass y to the flow (got none)")
-        n, d = z.shape[0], ctx.feature_dim
-        with torch.enable_grad():
-            x = z[:, :d].detach().reshape(n, *ctx.feature_shape).requires_grad_(True)  # (N, *shape)
+        name = type(self).__name__
+
+        def mean_energy(x):
             energies = self.energies(x, ctx.labels)
-            if not isinstance(energies, torch.Tensor) or energies.shape != (n,):
-                raise ValueError(f"{type(self).__name__} fn must return shape ({n},), got {describe(energies)}")
-            (gx,) = torch.autograd.grad(energies.sum(), x)
-        grad = torch.zeros_like(z)  # (N, D): features only
-        grad[:, :d] = gx.reshape(n, d).to(z.dtype)
-        value = energies.detach().mean().to(z.dtype)
-        _finite_or_raise(f"{type(self).__name__} fn", value, grad)
-        return Evaluation(value, grad)
+            if not isinstance(energies, torch.Tensor) or energies.shape != (x.shape[0],):
+                raise ValueError(f"{name} fn must return shape ({x.shape[0]},), got {describe(energies)}")
+            return energies.mean()
+
+        return feature_gradient(z, ctx, mean_energy, f"{name} fn")
 
 
 class ClassifierPotential(LabelPotential):
