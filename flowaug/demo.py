@@ -23,25 +23,16 @@ import time
 import torch
 
 from ._io import atomic_path
-from .data import find_data_dir, load_dataset
-from .demo_gradual import _say, gradual_section
+from .demo_gradual import _say, demo_digits, gradual_section
 from .plotting import image_grid
 
 __all__ = ["condense_section", "run_demo"]
 
 def _load_condense(data_dir, progress):
     """(name, train, test) for the condensation section: MNIST if found, else scikit-learn's digits halves."""
-    root = find_data_dir(data_dir)
-    try:
-        x, y = load_dataset("mnist", "train", data_dir=root)
-        xt, yt = load_dataset("mnist", "test", data_dir=root)
-        name = "MNIST (60,000 train digits; scored on the 10,000 test digits)"
-    except (FileNotFoundError, OSError):
-        d, dy = load_dataset("sklearn_digits", "test", data_dir=root)
-        perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(0))
-        x, y, xt, yt = d[perm[:1200]], dy[perm[:1200]], d[perm[1200:]], dy[perm[1200:]]
-        name = "scikit-learn digits (1,200 train, 597 test)"
-    x, xt = x.float() / 255, xt.float() / 255
+    name, (x, y), (xt, yt) = demo_digits(data_dir, 1200, seed=0)
+    name = ("MNIST (60,000 train digits; scored on the 10,000 test digits)" if name == "MNIST" else
+            f"scikit-learn digits ({len(x):,} train, {len(xt)} test)")
     mean, std = x.mean(), x.std()  # the practitioner's normalisation, as in the DC/DSA/DM code
     _say(progress, f"condensation: {name}")
     return name, ((x - mean) / std, y), ((xt - mean) / std, yt), (mean, std)

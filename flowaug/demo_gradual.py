@@ -20,7 +20,7 @@ from .data import find_data_dir, load_dataset, rotate_images
 from .gradual import _encode, adapt, domain_times, pseudo_labels, self_train
 from .paths import FlowPath, PlanPath
 
-__all__ = ["gradual_section", "rotating_digits", "small_convnet"]
+__all__ = ["demo_digits", "gradual_section", "rotating_digits", "small_convnet"]
 
 ORACLE = "oracle: 10 real intermediate rotations (no user has them)"
 
@@ -30,8 +30,10 @@ def _say(progress: bool, message: str) -> None:
         print(f"flowaug demo: {message}", file=sys.stderr, flush=True)
 
 
-def rotating_digits(data_dir=None, seed: int = 0, angle: float = 60.0) -> dict:
-    """Source, two snapshots, target, target test and real intermediates of rotating digits (float, [0, 1])."""
+def demo_digits(data_dir, n_train: int, seed: int = 0) -> tuple[str, tuple, tuple]:
+    """``(name, (x, y), (x_test, y_test))``: MNIST's train and test splits when found, else scikit-learn's 8x8 digits
+    cut (seeded) into ``n_train`` and the rest; images float (N, 1, H, W) in [0, 1] (the digits npz holds 0..16,
+    scikit-learn's loader and the other datasets 0..255). Both demo sections use it."""
     root = find_data_dir(data_dir)
     try:
         x, y = load_dataset("mnist", "train", data_dir=root)
@@ -40,12 +42,17 @@ def rotating_digits(data_dir=None, seed: int = 0, angle: float = 60.0) -> dict:
     except (FileNotFoundError, OSError):
         d, dy = load_dataset("sklearn_digits", "test", data_dir=root)
         perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed))
-        x, y, xt, yt = d[perm[:1400]], dy[perm[:1400]], d[perm[1400:]], dy[perm[1400:]]
+        x, y, xt, yt = d[perm[:n_train]], dy[perm[:n_train]], d[perm[n_train:]], dy[perm[n_train:]]
         name = "scikit-learn digits (8x8, offline)"
+    scale = 16.0 if int(x.max()) <= 16 else 255.0
+    return name, (x.float() / scale, y), (xt.float() / scale, yt)
+
+
+def rotating_digits(data_dir=None, seed: int = 0, angle: float = 60.0) -> dict:
+    """Source, two snapshots, target, target test and real intermediates of rotating digits (float, [0, 1])."""
+    name, (x, y), (xt, yt) = demo_digits(data_dir, 1400, seed)
     # source, each domain: Kumar et al.'s proportions, demo-sized; 13 domains (2 snapshots, target, 10 real)
     sizes = (2000, 700) if len(x) >= 16000 else (len(x) - 13 * max(2, len(x) // 20), max(2, len(x) // 20))
-    scale = 16.0 if int(x.max()) <= 16 else 255.0  # scikit-learn's digits npz holds 0..16, the others 0..255
-    x, xt = x.float() / scale, xt.float() / scale  # (N, 1, H, W) in [0, 1]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     (s, d), n_test = sizes, min(2000, len(xt))
